@@ -1,0 +1,217 @@
+"""Pure metric math (no torch.distributed here, so every line is testable without processes).
+
+Contract: ``shared/METRICS.md``. Inputs per step are per-rank scalars that the comm hook
+accumulates bucket by bucket — the local loss, ``‖g_i‖²`` and ``g_i·ḡ`` — and, every k steps, the
+Gram matrix ``G_ij = g_i·g_j``. Everything else is derived from those, e.g. ``‖ḡ‖² = mean_i g_i·ḡ``.
+
+Degenerate cases never produce a silently wrong number; they produce ``None`` (JSON null) and
+a flag ``{"rank": r, "kind": ...}`` in the row:
+- non-finite loss or gradient on a rank → ``nonfinite_loss`` / ``nonfinite_grad``; every
+  aggregate that would include that rank is None.
+- zero local gradient on a rank → ``zero_grad``; its cosine is None and ``cos_mean``/``cos_min``
+  are taken over the ranks whose cosine is defined (None if none is).
+- zero mean gradient (ranks cancel exactly) → ``zero_mean_grad``; every cosine is None.
+- zero mean (loss or grad norm) with non-zero spread → CV None, flag ``zero_mean_loss`` /
+  ``zero_mean_grad_norm``; zero spread with zero mean → CV 0.
+- world size 1 → std 0, CV 0, cosine 1 (the mean gradient *is* the local gradient).
+Cosines are clamped to [-1, 1] to remove round-off excursions (≤ a few ulp).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+Row = dict[str, Any]
+
+
+class BucketAccumulator:
+    """Accumulates one rank's ``‖g‖²`` and ``g·ḡ`` (and optionally ``G``) over gradient buckets.
+
+    Sums over buckets equal the whole-vector values for any partition of the flat gradient, which
+    is what lets the DDP comm hook compute them without ever materialising the full gradient.
+    Values stay on the gradient's device in float64 until ``values()`` (one sync per step).
+    """
+
+    def __init__(self, world_size: int = 1, device: torch.device | str = "cpu", with_gram: bool = False):
+        self.sq_norm = torch.zeros((), dtype=torch.float64, device=device)
+        self.dot_with_mean = torch.zeros((), dtype=torch.float64, device=device)
+        self.gram = torch.zeros((world_size, world_size), dtype=torch.float64, device=device) if with_gram else None
+
+    def add_local(self, local: torch.Tensor) -> None:
+        flat = _as_float(local)
+        self.sq_norm += torch.dot(flat, flat).double()
+
+    def add_dot(self, local: torch.Tensor, mean: torch.Tensor) -> None:
+        self.dot_with_mean += torch.dot(_as_float(local), _as_float(mean)).double()
+
+    def add_gram(self, gathered: torch.Tensor) -> None:
+        """``gathered``: [N, n] — every rank's slice of the same bucket."""
+        g = _as_float(gathered).reshape(gathered.shape[0], -1)
+        assert self.gram is not None, "accumulator built without with_gram"
+        self.gram += (g @ g.T).double()
+
+
+def _as_float(t: torch.Tensor) -> torch.Tensor:
+    t = t.reshape(-1)
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _finite(x: float) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def _spread(values: Sequence[float], flag_kind: str, flags: list[Row]) -> tuple[float | None, float | None]:
+    """Population std and CV (std / |mean|) of finite values; None if any value is non-finite."""
+    if not all(_finite(v) for v in values):
+        return None, None
+    arr = np.asarray(values, dtype=np.float64)
+    mean = float(arr.mean())
+    std = float(np.sqrt(np.mean((arr - mean) ** 2)))
+    if mean == 0.0:
+        if std == 0.0:
+            return std, 0.0
+        flags.append({"rank": None, "kind": flag_kind})
+        return std, None
+    return std, std / abs(mean)
+
+
+def step_metrics(losses: Sequence[float], sq_norms: Sequence[float], dots_with_mean: Sequence[float]) -> Row:
+    """The per-step record from per-rank scalars (see module docstring for degenerate cases)."""
+    n = len(losses)
+    if not (n == len(sq_norms) == len(dots_with_mean)) or n == 0:
+        raise ValueError("losses, sq_norms and dots_with_mean need one entry per rank")
+    flags: list[Row] = []
+    losses = [float(x) for x in losses]
+    sq = [float(x) for x in sq_norms]
+    dots = [float(x) for x in dots_with_mean]
+    for r in range(n):
+        if not _finite(losses[r]):
+            flags.append({"rank": r, "kind": "nonfinite_loss"})
+        if not (_finite(sq[r]) and _finite(dots[r])):
+            flags.append({"rank": r, "kind": "nonfinite_grad"})
+    finite_losses = all(_finite(x) for x in losses)
+    global_loss = float(np.mean(losses)) if finite_losses else None
+    loss_std, loss_cv = _spread(losses, "zero_mean_loss", flags)
+    grad_ok = all(_finite(a) and _finite(b) for a, b in zip(sq, dots))
+    norms = [math.sqrt(max(s, 0.0)) if _finite(s) else None for s in sq]
+    if grad_ok:
+        grad_norm_std, grad_norm_cv = _spread(norms, "zero_mean_grad_norm", flags)
+        mean_sq = max(float(np.mean(dots)), 0.0)  # ‖ḡ‖² = mean_i g_i·ḡ
+        cos = _cosines(norms, dots, mean_sq, flags)
+    else:
+        grad_norm_std = grad_norm_cv = mean_sq = None
+        cos = [None] * n
+    defined = [c for c in cos if c is not None]
+    return {
+        "loss": losses if finite_losses else [x if _finite(x) else None for x in losses],
+        "global_loss": global_loss,
+        "loss_std": loss_std,
+        "loss_cv": loss_cv,
+        "grad_norm": norms,
+        "grad_norm_std": grad_norm_std,
+        "grad_norm_cv": grad_norm_cv,
+        "mean_grad_norm": math.sqrt(mean_sq) if mean_sq is not None else None,
+        "cos_to_mean": cos,
+        "cos_mean": float(np.mean(defined)) if defined else None,
+        "cos_min": float(min(defined)) if defined else None,
+        "flags": flags,
+    }
+
+
+def _cosines(norms: list[float], dots: list[float], mean_sq: float, flags: list[Row]) -> list[float | None]:
+    mean_norm = math.sqrt(mean_sq)
+    if mean_norm == 0.0:
+        flags.append({"rank": None, "kind": "zero_mean_grad"})
+        return [None] * len(norms)
+    out: list[float | None] = []
+    for r, (norm, dot) in enumerate(zip(norms, dots)):
+        if norm == 0.0:
+            flags.append({"rank": r, "kind": "zero_grad"})
+            out.append(None)
+        else:
+            out.append(min(1.0, max(-1.0, dot / (norm * mean_norm))))
+    return out
+
+
+def pairwise_cosine(gram: np.ndarray) -> list[list[float | None]]:
+    """N×N cosine matrix from the Gram matrix; rows/cols of zero-norm ranks are None."""
+    g = np.asarray(gram, dtype=np.float64)
+    norms = np.sqrt(np.clip(np.diag(g), 0.0, None))
+    n = g.shape[0]
+    out: list[list[float | None]] = [[None] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(n):
+            if norms[i] > 0 and norms[j] > 0 and np.isfinite(g[i, j]):
+                out[i][j] = float(np.clip(g[i, j] / (norms[i] * norms[j]), -1.0, 1.0))
+    return out
+
+
+def mean_offdiagonal(matrix: list[list[float | None]]) -> float | None:
+    """Mean of the defined off-diagonal entries (None for N = 1 or when none is defined)."""
+    vals = [v for i, row in enumerate(matrix) for j, v in enumerate(row) if i != j and v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def noise_scale_terms(sq_norms: Sequence[float], mean_sq: float, batch_per_rank: int) -> tuple[float, float] | None:
+    """Unbiased ``|G|²`` and ``tr(Σ)`` estimates (McCandlish et al. 2018, appendix A.1).
+
+    B_small = b (one rank), B_big = N·b (the all-reduced mean). None for N = 1 (no second size).
+    """
+    n = len(sq_norms)
+    if n < 2 or not all(_finite(s) for s in sq_norms) or not _finite(mean_sq):
+        return None
+    b_small, b_big = float(batch_per_rank), float(n * batch_per_rank)
+    g_small = float(np.mean(sq_norms))
+    g2 = (b_big * mean_sq - b_small * g_small) / (b_big - b_small)
+    tr_sigma = (g_small - mean_sq) / (1.0 / b_small - 1.0 / b_big)
+    return g2, tr_sigma
+
+
+@dataclass
+class NoiseScaleEMA:
+    """B_simple = EMA(tr Σ) / EMA(|G|²): both averaged separately, as the paper recommends."""
+
+    decay: float = 0.9
+    g2: float | None = field(default=None)
+    tr_sigma: float | None = field(default=None)
+
+    def update(self, terms: tuple[float, float] | None) -> float | None:
+        if terms is None:
+            return self.value()
+        g2, tr = terms
+        if self.g2 is None or self.tr_sigma is None:
+            self.g2, self.tr_sigma = g2, tr
+        else:
+            self.g2 = self.decay * self.g2 + (1 - self.decay) * g2
+            self.tr_sigma = self.decay * self.tr_sigma + (1 - self.decay) * tr
+        return self.value()
+
+    def value(self) -> float | None:
+        if self.g2 is None or self.tr_sigma is None or self.g2 <= 0:
+            return None
+        return self.tr_sigma / self.g2
+
+
+def brute_force(grads: np.ndarray) -> Row:
+    """Direct formulas on full per-rank gradients [N, D] (float64): the oracle for self-checks.
+
+    Deliberately shares no code with ``step_metrics`` so that comparing the two tests the
+    bucketed, hook-based path end to end.
+    """
+    g = np.asarray(grads, dtype=np.float64).reshape(grads.shape[0], -1)
+    norms = np.linalg.norm(g, axis=1)
+    mean = g.mean(axis=0)
+    mean_norm = np.linalg.norm(mean)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cos = (g @ mean) / (norms * mean_norm)
+        pair = (g @ g.T) / np.outer(norms, norms)
+    return {
+        "grad_norm": norms.tolist(),
+        "mean_grad_norm": float(mean_norm),
+        "cos_to_mean": cos.tolist(),
+        "pairwise_cos": pair.tolist(),
+    }

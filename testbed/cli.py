@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import tomllib
 from pathlib import Path
@@ -13,6 +14,7 @@ from testbed.summary import format_table, summarize
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_SCENARIO_DIR = Path("scenarios")
+DEFAULT_SCENARIO = Path(__file__).with_name("default.toml")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, object]:
@@ -33,7 +35,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 def cmd_run(args: argparse.Namespace) -> int:
     from testbed.runner import launch
 
-    scenario = load_scenario(args.scenario, _overrides(args))
+    scenario = load_scenario(args.scenario or DEFAULT_SCENARIO, _overrides(args))
     out_dir = Path(args.out) if args.out else default_run_dir(scenario.name)
     print(f"testbed: running {scenario.name!r}: {scenario.world_size} ranks × {scenario.steps} steps "
           f"({scenario.model.kind} / {scenario.data.kind}, {scenario.optim.kind}) → {out_dir}", flush=True)
@@ -71,11 +73,17 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# Modules that add their own subcommand: each defines ``add_subcommand(subparsers)`` and sets
+# ``func`` on its parser. Add a module here to add a command.
+SUBCOMMAND_MODULES: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="testbed", description="Find silent inconsistency in data-parallel training.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one scenario as a real multi-process DP job")
-    run.add_argument("scenario", type=Path)
+    run.add_argument("scenario", type=Path, nargs="?", default=None,
+                     help="scenario file (default: the embedded default, shuffle desync on 1 of 4 ranks)")
     run.add_argument("--out", help="run directory (default: runs/<name>-<timestamp>)")
     run.add_argument("--steps", type=int)
     run.add_argument("--world-size", type=int)
@@ -85,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     lst = sub.add_parser("list", help="list the scenario catalog")
     lst.add_argument("dir", nargs="?", default=str(DEFAULT_SCENARIO_DIR))
     lst.set_defaults(func=cmd_list)
+    for module in SUBCOMMAND_MODULES:
+        importlib.import_module(module).add_subcommand(sub)
     return parser
 
 

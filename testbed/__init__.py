@@ -2,4 +2,16 @@
 from testbed.spec import Scenario, ScenarioError, load_scenario
 
 __version__ = "0.1.0"
-__all__ = ["Scenario", "ScenarioError", "load_scenario", "__version__"]
+__all__ = ["Scenario", "ScenarioError", "load_scenario", "__version__", "attach", "Monitor", "TestbedCallback"]
+
+# The drop-in monitor, imported on first use: ``import testbed`` stays light (no torch.distributed,
+# no transformers - TestbedCallback needs transformers, the rest does not).
+_LAZY = {"attach": "testbed.monitor", "Monitor": "testbed.monitor", "TestbedCallback": "testbed.trainer_callback"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'testbed' has no attribute {name!r}")

@@ -8,6 +8,7 @@ import tomllib
 from pathlib import Path
 from typing import Sequence
 
+from testbed import launch_plan
 from testbed.record import default_run_dir, read_metrics
 from testbed.spec import ScenarioError, load_scenario
 from testbed.summary import format_table, summarize
@@ -35,11 +36,17 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 def cmd_run(args: argparse.Namespace) -> int:
     from testbed.runner import launch
 
-    scenario = load_scenario(args.scenario or DEFAULT_SCENARIO, _overrides(args))
+    scenario_path = args.scenario or DEFAULT_SCENARIO
+    scenario = load_scenario(scenario_path, _overrides(args))
+    if args.dry_run:
+        return launch_plan.print_plan(scenario, scenario_path, args)
     out_dir = Path(args.out) if args.out else default_run_dir(scenario.name)
     print(f"testbed: running {scenario.name!r}: {scenario.world_size} ranks × {scenario.steps} steps "
           f"({scenario.model.kind} / {scenario.data.kind}, {scenario.optim.kind}) → {out_dir}", flush=True)
-    result = launch(scenario, out_dir)
+    if args.launcher == "torchrun":
+        result = launch_plan.launch_torchrun(scenario, scenario_path, out_dir, args)
+    else:
+        result = launch(scenario, out_dir)
     rows = read_metrics(out_dir)
     print(format_table(summarize(rows)))
     if result.ok:
@@ -75,7 +82,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 # Modules that add their own subcommand: each defines ``add_subcommand(subparsers)`` and sets
 # ``func`` on its parser. Add a module here to add a command.
-SUBCOMMAND_MODULES: tuple[str, ...] = ()
+SUBCOMMAND_MODULES: tuple[str, ...] = ("testbed.sweep", "testbed.gate", "testbed.report")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--world-size", type=int)
     run.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="override any field, e.g. --set optim.lr=0.01 --set perturbations.0.ranks=[1]")
+    launch_plan.add_arguments(run)
     run.set_defaults(func=cmd_run)
     lst = sub.add_parser("list", help="list the scenario catalog")
     lst.add_argument("dir", nargs="?", default=str(DEFAULT_SCENARIO_DIR))

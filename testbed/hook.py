@@ -2,11 +2,15 @@
 
 Modelled on ``torch.distributed.algorithms.ddp_comm_hooks``: an explicit state object and a small
 hook function. Per bucket the hook (1) applies the step's gradient perturbations, if any, to the
-local bucket, (2) accumulates ``‖g_i‖²`` from it, (3) on pairwise steps all-gathers this one bucket
-and accumulates the Gram matrix (peak extra memory: N buckets), (4) all-reduces with SUM and
-divides by N (HCCL lacks AVG/PREMUL_SUM), and (5) once the mean is back, accumulates ``g_i·ḡ``.
+local bucket, (2) on pairwise steps all-gathers it chunk by chunk (``GRAM_CHUNK`` elements per
+rank) and accumulates the Gram matrix (peak extra memory: N chunks, not N buckets), (3)
+all-reduces with SUM and divides by N (HCCL lacks AVG/PREMUL_SUM), and (4) once the mean is
+back, accumulates ``‖g_i‖²`` and ``g_i·ḡ`` together, reading each chunk of the local gradient
+once for both (``BucketAccumulator.add_pairs``). Nothing runs between the bucket becoming
+ready and its all-reduce starting, so measuring never delays communication; steps that are not
+measured (``metrics.every`` > 1) pay only the Python hook's pass-through.
 
-Step (5) needs the local bucket after the all-reduce has overwritten the buffer. With DDP's
+Step (4) needs the local bucket after the all-reduce has overwritten the buffer. With DDP's
 default ``gradient_as_bucket_view=False`` every ``param.grad`` still holds the local gradient
 while the hook's ``then`` callback runs (DDP copies the averaged bucket back later), so no copy
 is made. With ``gradient_as_bucket_view=True``, or when a perturbation edited the bucket, the hook
@@ -20,7 +24,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from testbed.metrics import BucketAccumulator
+from testbed.metrics import GRAM_CHUNK, BucketAccumulator
 
 GradTransform = Callable[[torch.Tensor, torch.Generator], None]
 
@@ -48,6 +52,24 @@ class ConsistencyState:
         self.local_buckets = []
 
 
+# ``all_gather_single`` is the newer name (torch ≥ 2.13 deprecates the old one, which 2.4 still needs).
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def gather_bucket(buf: torch.Tensor, world_size: int, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Every rank's copy of this one bucket as an [N, n] tensor.
+
+    The pairwise path's only large allocation: N × (``buf`` bytes), written in place by the
+    collective (no per-rank list, no stacked copy) and freed when the caller drops it. The hook
+    passes one ``GRAM_CHUNK`` slice of a bucket at a time, so the extra peak memory of a pairwise
+    step is N × GRAM_CHUNK elements (plus what ``BucketAccumulator.add_gram`` documents: an N×N
+    matrix), whatever the bucket size. Measured in tests/test_pairwise.py and benchmarks/.
+    """
+    out = torch.empty(world_size * buf.numel(), dtype=buf.dtype, device=buf.device)
+    _all_gather_flat(out, buf.reshape(-1), group=group)
+    return out.view(world_size, -1)
+
+
 def consistency_hook(state: ConsistencyState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Measure the local bucket, all-reduce it (SUM then /N), then measure it against the mean."""
     buf = bucket.buffer()
@@ -56,12 +78,9 @@ def consistency_hook(state: ConsistencyState, bucket: dist.GradBucket) -> torch.
     acc = state.acc
     local = None
     if acc is not None:
-        acc.add_local(buf)
         if acc.gram is not None:
-            gathered = [torch.empty_like(buf) for _ in range(state.world_size)]
-            dist.all_gather(gathered, buf, group=state.process_group)
-            acc.add_gram(torch.stack(gathered))
-            del gathered
+            for chunk in buf.reshape(-1).split(GRAM_CHUNK):
+                acc.add_gram(gather_bucket(chunk, state.world_size, state.process_group))
         if state.copy_local or state.grad_transforms or state.keep_local:
             local = buf.clone()
             if state.keep_local:
@@ -72,10 +91,9 @@ def consistency_hook(state: ConsistencyState, bucket: dist.GradBucket) -> torch.
         mean = f.value()[0].div_(state.world_size)
         if acc is not None:
             if local is not None:
-                acc.add_dot(local, mean)
-            else:
-                for param, view in zip(bucket.parameters(), bucket.gradients()):
-                    acc.add_dot(param.grad, view)
+                acc.add_pairs([local], [mean])
+            else:  # param.grad: the local gradient; bucket.gradients(): its views into the mean
+                acc.add_pairs([p.grad for p in bucket.parameters()], bucket.gradients())
         return mean
 
     return fut.then(finish)

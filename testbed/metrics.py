@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
 Row = dict[str, Any]
+GRAM_CHUNK = 1 << 18  # elements per rank per Gram matmul (see BucketAccumulator.add_gram)
 
 
 class BucketAccumulator:
@@ -42,22 +43,49 @@ class BucketAccumulator:
         self.gram = torch.zeros((world_size, world_size), dtype=torch.float64, device=device) if with_gram else None
 
     def add_local(self, local: torch.Tensor) -> None:
-        flat = _as_float(local)
-        self.sq_norm += torch.dot(flat, flat).double()
+        self.sq_norm += torch.stack([torch.dot(x, x) for x in _chunks([local])]).double().sum()
 
     def add_dot(self, local: torch.Tensor, mean: torch.Tensor) -> None:
-        self.dot_with_mean += torch.dot(_as_float(local), _as_float(mean)).double()
+        dots = [torch.dot(x, y) for x, y in zip(_chunks([local]), _chunks([mean]))]
+        self.dot_with_mean += torch.stack(dots).double().sum()
+
+    def add_pairs(self, locals_: Sequence[torch.Tensor], means: Sequence[torch.Tensor]) -> None:
+        """``‖g‖²`` and ``g·ḡ`` over matching pieces (e.g. each parameter's local gradient and its
+        view into the averaged bucket) in one pass: each chunk of the local gradient is read for
+        its square and, while still in cache, for its dot with the mean; the per-chunk fp32 sums
+        are added in float64, so both values stay within ~1e-6 relative of float64 at any size
+        (one fp32 dot over 10M elements drifts ~1e-4). Two accumulator updates per call."""
+        squares, dots = [], []
+        for x, y in zip(_chunks(locals_), _chunks(means)):
+            squares.append(torch.dot(x, x))
+            dots.append(torch.dot(x, y))
+        if squares:
+            self.sq_norm += torch.stack(squares).double().sum()
+            self.dot_with_mean += torch.stack(dots).double().sum()
 
     def add_gram(self, gathered: torch.Tensor) -> None:
-        """``gathered``: [N, n] — every rank's slice of the same bucket."""
-        g = _as_float(gathered).reshape(gathered.shape[0], -1)
+        """``gathered``: [N, n] — every rank's slice of the same bucket.
+
+        Works through column chunks of ``GRAM_CHUNK`` elements, summed in float64: fp32 chunks
+        are views (no copy) and keep each fp32 partial sum short; narrower dtypes are upcast one
+        chunk at a time, so the extra memory is N × GRAM_CHUNK × 4 bytes, never N × bucket.
+        """
         assert self.gram is not None, "accumulator built without with_gram"
-        self.gram += (g @ g.T).double()
+        g = gathered.reshape(gathered.shape[0], -1)
+        for chunk in g.split(GRAM_CHUNK, dim=1):
+            c = chunk if chunk.dtype in (torch.float32, torch.float64) else chunk.float()
+            self.gram += (c @ c.T).double()
 
 
 def _as_float(t: torch.Tensor) -> torch.Tensor:
     t = t.reshape(-1)
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _chunks(tensors: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """Flat float chunks of ``GRAM_CHUNK`` elements, lazily (views for fp32/fp64; narrower dtypes
+    are upcast one chunk at a time, never a whole bucket)."""
+    return (_as_float(c) for t in tensors for c in t.reshape(-1).split(GRAM_CHUNK))
 
 
 def _finite(x: float) -> bool:
@@ -69,8 +97,12 @@ def _spread(values: Sequence[float], flag_kind: str, flags: list[Row]) -> tuple[
     if not all(_finite(v) for v in values):
         return None, None
     arr = np.asarray(values, dtype=np.float64)
-    mean = float(arr.mean())
-    std = float(np.sqrt(np.mean((arr - mean) ** 2)))
+    # Deviations from the first value: identical values give exactly 0 (np.std([x]*3) need not),
+    # and the shift removes the cancellation of a large common offset.
+    dev = arr - arr[0]
+    shift = float(dev.mean())
+    mean = float(arr[0]) + shift
+    std = float(np.sqrt(np.mean((dev - shift) ** 2)))
     if mean == 0.0:
         if std == 0.0:
             return std, 0.0
@@ -88,10 +120,13 @@ def step_metrics(losses: Sequence[float], sq_norms: Sequence[float], dots_with_m
     losses = [float(x) for x in losses]
     sq = [float(x) for x in sq_norms]
     dots = [float(x) for x in dots_with_mean]
+    # One non-finite local gradient makes ḡ, hence every rank's g_i·ḡ, non-finite: blame only the
+    # ranks whose own ‖g_i‖² is non-finite, unless all are finite (then the dot itself overflowed).
+    local_grads_finite = all(_finite(s) for s in sq)
     for r in range(n):
         if not _finite(losses[r]):
             flags.append({"rank": r, "kind": "nonfinite_loss"})
-        if not (_finite(sq[r]) and _finite(dots[r])):
+        if not _finite(sq[r]) or (local_grads_finite and not _finite(dots[r])):
             flags.append({"rank": r, "kind": "nonfinite_grad"})
     finite_losses = all(_finite(x) for x in losses)
     global_loss = float(np.mean(losses)) if finite_losses else None

@@ -9,20 +9,30 @@ for its peers to report), when the shared progress counters stop moving for
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import multiprocessing as mp
 import os
 import signal
 import sys
+import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from testbed.record import RUN_FILE, environment, read_json, write_json_atomic
+from testbed.record import EVENTS_FILE, METRICS_FILE, RUN_FILE, environment, read_json, write_json_atomic
 from testbed.spec import Scenario
 
 GRACE_S = 10.0  # how long peers of a failed rank get to write their own reports
 POLL_S = 0.05
+# Until every rank has started step 0 (imports, model build, rendezvous: slow on a loaded machine
+# or with a big checkpoint) the stall limit is at least this long; timeout_s still bounds it.
+STARTUP_S = 300.0
+STACK_WAIT_S = 1.0  # how long a hung rank gets to dump its Python stack (faulthandler, SIGUSR1)
+# What a previous run in the same directory may have left; removed so it cannot mix with this one.
+STALE_RECORD = (METRICS_FILE, EVENTS_FILE, "timing.jsonl", "ranks/rank*.json", "ranks/rank*.stack",
+                "ranks/rank*.final.pt")
 
 
 @dataclass
@@ -52,15 +62,44 @@ def _rank_main(scenario_dict: dict[str, Any], rank: int, world_size: int, port: 
 
     scenario = Scenario.from_dict(scenario_dict)
     ctx = worker.RankContext(rank, world_size, rank, Path(out_dir), progress=progress)
+    _exit_with_parent(os.getppid())
+    _stack_dump_on_signal(Path(out_dir), rank)
     try:
-        ctx.store = dist.TCPStore("127.0.0.1", port, world_size + 1, is_master=False,
-                                  timeout=datetime.timedelta(seconds=scenario.stall_timeout_s))
+        # The store's timeout bounds the rendezvous, which waits for the slowest rank's start-up.
+        timeout = datetime.timedelta(seconds=max(scenario.stall_timeout_s, STARTUP_S))
+        ctx.store = dist.TCPStore("127.0.0.1", port, world_size + 1, is_master=False, timeout=timeout)
         worker.train(scenario, ctx)
     except BaseException as exc:  # noqa: BLE001 — every failure must reach the report
         worker.write_error_report(ctx, exc)
         sys.stderr.write(f"[testbed] rank {rank} failed at step {ctx.step}: {type(exc).__name__}: {exc}\n")
         sys.stderr.flush()
         os._exit(1)
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """A rank must never outlive its launcher (SIGKILLed, or killed by a CI timeout before its
+    cleanup ran): a daemon thread ends the process once it has been re-parented."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="testbed-parent-watch", daemon=True).start()
+
+
+_stack_files: list[Any] = []  # kept open for faulthandler, which writes to the raw descriptor
+
+
+def _stack_dump_on_signal(out_dir: Path, rank: int) -> None:
+    """On SIGUSR1 the rank writes every thread's Python stack to ``ranks/rank{r}.stack``, from a C
+    signal handler, so even a rank stuck in a sleep or a collective can say where it is."""
+    if not hasattr(signal, "SIGUSR1"):
+        return
+    path = out_dir / "ranks" / f"rank{rank}.stack"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _stack_files.append(open(path, "w", encoding="utf-8"))
+    faulthandler.register(signal.SIGUSR1, file=_stack_files[-1], all_threads=True)
 
 
 def start_record(scenario: Scenario, out_dir: Path, backend: str, launcher: str) -> dict[str, Any]:
@@ -96,6 +135,7 @@ def launch(scenario: Scenario, out_dir: Path) -> RunResult:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_record(out_dir)
     run = start_record(scenario, out_dir, scenario.backend, "spawn")
     started = time.monotonic()
     n = scenario.world_size
@@ -106,28 +146,43 @@ def launch(scenario: Scenario, out_dir: Path) -> RunResult:
     procs = [ctx.Process(target=_rank_main, name=f"testbed-rank{r}",
                          args=(scenario.to_dict(), r, n, store.port, str(out_dir), progress))
              for r in range(n)]
+    result = RunResult(out_dir, "failed", "the launcher stopped before the ranks finished")
     try:
         for p in procs:
             p.start()
         result = _watch(scenario, procs, progress, out_dir, started)
+    except BaseException as exc:  # Ctrl-C or a launcher bug: recorded in run.json, then re-raised
+        result = RunResult(out_dir, "failed", f"launcher interrupted: {type(exc).__name__}: {exc}",
+                           traceback=traceback.format_exc(), rank_reports=_rank_reports(out_dir))
+        raise
     finally:
         _kill_all(procs)
         del store
-    result.wall_time_s = time.monotonic() - started
-    finish_record(out_dir, run, result)
+        result.wall_time_s = time.monotonic() - started
+        finish_record(out_dir, run, result)
     return result
+
+
+def _remove_stale_record(out_dir: Path) -> None:
+    """A run directory holds one run: rows or error reports of an earlier run there would be
+    mixed into this one's (appended metrics, a stale report taken for the root cause)."""
+    for pattern in STALE_RECORD:
+        for path in out_dir.glob(pattern):
+            path.unlink(missing_ok=True)
 
 
 def _watch(scenario: Scenario, procs: list[Any], progress: Any, out_dir: Path, started: float) -> RunResult:
     exit_order: list[int] = []
     last_progress, last_change = list(progress), time.monotonic()
     failure_seen_at: float | None = None
+    finished = _final_progress(scenario)
     while True:
         now = time.monotonic()
         for r, p in enumerate(procs):
             if p.exitcode is not None and r not in exit_order:
                 exit_order.append(r)
-                if p.exitcode != 0 and failure_seen_at is None:
+                early = p.exitcode == 0 and progress[r] < finished  # sys.exit(0) mid-run is a failure too
+                if (p.exitcode != 0 or early) and failure_seen_at is None:
                     failure_seen_at = now
         if len(exit_order) == len(procs):
             break
@@ -136,15 +191,21 @@ def _watch(scenario: Scenario, procs: list[Any], progress: Any, out_dir: Path, s
         current = list(progress)
         if current != last_progress:
             last_progress, last_change = current, now
-        if failure_seen_at is None and now - last_change > scenario.stall_timeout_s:
-            return _hang_result(out_dir, current, scenario)
+        stall_limit = scenario.stall_timeout_s if min(current) >= 0 else max(scenario.stall_timeout_s, STARTUP_S)
+        if failure_seen_at is None and now - last_change > stall_limit:
+            return _hang_result(out_dir, current, stall_limit, procs)
         if now - started > scenario.timeout_s:
             return _timeout_result(out_dir, current, scenario)
         time.sleep(POLL_S)
-    codes = [p.exitcode for p in procs]
-    if all(c == 0 for c in codes):
+    if all(p.exitcode == 0 for p in procs) and min(progress) >= finished:
         return RunResult(out_dir, "ok")
-    return _failure_result(out_dir, procs, exit_order, list(progress))
+    return _failure_result(out_dir, procs, exit_order, list(progress), finished)
+
+
+def _final_progress(scenario: Scenario) -> int:
+    from testbed.worker import PHASE_DONE, PHASES
+
+    return (scenario.steps - 1) * PHASES + PHASE_DONE
 
 
 def _rank_reports(out_dir: Path) -> list[dict[str, Any]]:
@@ -166,23 +227,33 @@ def _is_secondary(report: dict[str, Any]) -> bool:
     return any(marker in report.get("error", "") for marker in _SECONDARY)
 
 
-def _failure_result(out_dir: Path, procs: list[Any], exit_order: list[int], progress: list[int]) -> RunResult:
+def _failure_result(out_dir: Path, procs: list[Any], exit_order: list[int], progress: list[int],
+                    finished: int) -> RunResult:
+    """Pick the root cause: a rank's own error over a peer's "connection closed", then a rank that
+    died without a report (os._exit, a signal), then one that exited 0 mid-run; earliest first."""
     reports = {r["rank"]: r for r in _rank_reports(out_dir)}
-    failed = [r for r in exit_order if procs[r].exitcode not in (0, None)]
+    failed = [r for r in exit_order if procs[r].exitcode != 0]
+    early = [r for r in exit_order if procs[r].exitcode == 0 and progress[r] < finished]
     primary = [r for r in failed if r in reports and not _is_secondary(reports[r])]
-    silent = [r for r in failed if r not in reports]  # died without a report: killed or os._exit
-    root = (primary or silent or failed or [None])[0]
+    silent = [r for r in failed if r not in reports]
+    root = (primary or silent or early or failed or [None])[0]
     if root is None:
-        return RunResult(out_dir, "failed", "a rank did not exit", rank_reports=list(reports.values()))
+        codes = [p.exitcode for p in procs]
+        return RunResult(out_dir, "failed", f"ranks ended unfinished (exit codes {codes}, progress {progress})",
+                         rank_reports=list(reports.values()))
     report = reports.get(root)
-    code = procs[root].exitcode
-    if report is not None:
-        reason = f"rank {root} failed at step {report['step']}: {report['error']}"
-        step, tb = report["step"], report["traceback"]
+    tb: str | None = None
+    if report is not None and report.get("nonfinite_ranks"):  # every rank stops: blame the flagged one
+        step, root = report.get("step"), report["nonfinite_ranks"][0]
+        reason = report["error"].removeprefix("NonFiniteStop: ")
+    elif report is not None:
+        step, tb = report.get("step"), report.get("traceback")
+        reason = f"rank {root} failed at step {step}: {report['error']}"
     else:
-        how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
-        reason = f"rank {root} died without a report ({how})"
-        step, tb = _step_of(progress[root]), None
+        step, code = _step_of(progress[root]), procs[root].exitcode
+        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        what = "exited before finishing" if root in early else "died without a report"
+        reason = f"rank {root} {what} at step {step} ({how})"
     return RunResult(out_dir, "failed", reason, root, step, tb, rank_reports=list(reports.values()))
 
 
@@ -199,12 +270,48 @@ def _laggard(progress: list[int]) -> tuple[int | None, int | None]:
     return (behind[0] if len(behind) == 1 else None), _step_of(low)
 
 
-def _hang_result(out_dir: Path, progress: list[int], scenario: Scenario) -> RunResult:
+def _hang_result(out_dir: Path, progress: list[int], limit: float, procs: list[Any]) -> RunResult:
+    """Name the rank furthest behind and attach its Python stack (dumped on SIGUSR1)."""
     rank, step = _laggard(progress)
-    who = f"rank {rank}" if rank is not None else "ranks " + ", ".join(map(str, range(len(progress))))
-    reason = (f"no progress for {scenario.stall_timeout_s:g} s: {who} stuck at step {step} "
-              f"(stall_timeout_s; progress counters {progress})")
-    return RunResult(out_dir, "failed", reason, rank, step, rank_reports=_rank_reports(out_dir))
+    low = min(progress)
+    who = f"rank {rank}" if rank is not None else "ranks " + ", ".join(
+        str(r) for r, v in enumerate(progress) if v == low)
+    where = f"step {step}" if step is not None else "start-up (before step 0)"
+    reason = f"no progress for {limit:g} s: {who} stuck at {where} (stall_timeout_s; progress counters {progress})"
+    stacks = _dump_stacks(out_dir, procs)
+    stuck = [r for r, v in enumerate(progress) if v == low]
+    tb = next((stacks[r] for r in stuck if stacks.get(r)), None)
+    return RunResult(out_dir, "failed", reason, rank, step, tb, rank_reports=_rank_reports(out_dir))
+
+
+def _dump_stacks(out_dir: Path, procs: list[Any]) -> dict[int, str]:
+    """Ask every live rank for its Python stack; ``{rank: text}`` for those that answered."""
+    if not hasattr(signal, "SIGUSR1"):
+        return {}
+    asked = []
+    for r, p in enumerate(procs):
+        if p.is_alive() and p.pid is not None:
+            try:
+                os.kill(p.pid, signal.SIGUSR1)
+                asked.append(r)
+            except OSError:
+                continue
+    deadline = time.monotonic() + STACK_WAIT_S
+    stacks: dict[int, str] = {}
+    while asked and time.monotonic() < deadline and len(stacks) < len(asked):
+        time.sleep(POLL_S)
+        for r in asked:
+            text = _read_text(out_dir / "ranks" / f"rank{r}.stack")
+            if text.strip():
+                stacks[r] = text
+    return stacks
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
 
 
 def _timeout_result(out_dir: Path, progress: list[int], scenario: Scenario) -> RunResult:
@@ -215,13 +322,14 @@ def _timeout_result(out_dir: Path, progress: list[int], scenario: Scenario) -> R
 
 def _kill_all(procs: list[Any]) -> None:
     """Terminate, then kill, then join every rank; bounded in time."""
-    for p in procs:
+    started = [p for p in procs if p.pid is not None]  # a failed start leaves some never started
+    for p in started:
         if p.is_alive():
             p.terminate()
     deadline = time.monotonic() + 5.0
-    for p in procs:
+    for p in started:
         p.join(timeout=max(0.0, deadline - time.monotonic()))
-    for p in procs:
+    for p in started:
         if p.is_alive():
             p.kill()
             p.join(timeout=5.0)

@@ -21,7 +21,7 @@ class ScenarioError(ValueError):
 
     def __init__(self, file: str | Path, field: str, expected: str, got: Any = ...):
         self.file, self.field, self.expected = str(file), field, expected
-        msg = f"{file}: field '{field}': expected {expected}"
+        msg = f"{_one_line(str(file))}: field '{_one_line(field) or '(empty key)'}': expected {_one_line(expected)}"
         if got is not ...:
             text = repr(got)
             msg += f", got {text[:80] + '...' if len(text) > 80 else text}"
@@ -109,6 +109,12 @@ _TOP_KEYS = {
     "perturbations", "metrics", "expect", "sweep",
 }
 _BACKENDS = ("auto", "gloo", "nccl", "hccl")
+# Bounds that keep a typo from becoming a memory blow-up or an overflow far from the file: ranks
+# are materialised as a tuple, steps index an int64 progress counter, and timeouts become
+# ``datetime.timedelta``s (which overflow near 1e14 s).
+MAX_WORLD_SIZE = 4096
+MAX_STEPS = 10**9
+MAX_SECONDS = 10**7  # ~116 days
 _DEVICES = ("auto", "cpu", "cuda", "npu")
 
 
@@ -119,10 +125,16 @@ def load_scenario(path: str | Path, overrides: Mapping[str, Any] | None = None) 
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ScenarioError(path, "<file>", "an existing scenario file") from None
+    except OSError as e:  # a directory, no permission, an I/O error
+        raise ScenarioError(path, "<file>", f"a readable scenario file ({e.strerror or e})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ScenarioError(path, "<file>", f"valid TOML ({e})") from None
     for key, value in (overrides or {}).items():
-        set_dotted(raw, key, value)
+        try:
+            set_dotted(raw, key, value)
+        except (LookupError, ValueError, TypeError, AttributeError):  # a path through a scalar, a bad index
+            raise ScenarioError(path, key, "an override path that exists in the scenario "
+                                "(tables by name, arrays by index, e.g. perturbations.0.ranks)", value) from None
     return parse_scenario(raw, source=str(path))
 
 
@@ -142,6 +154,7 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
 def parse_scenario(raw: Mapping[str, Any], source: str = "<memory>") -> Scenario:
     """Validate a scenario given as a dict (already parsed TOML)."""
     from testbed.registry_tables import DATASETS, MODELS, OPTIMIZERS, PERTURBATIONS
+    from testbed.expect import validate_expect
 
     raw = copy.deepcopy(dict(raw))
     v = _Validator(source)
@@ -152,9 +165,11 @@ def parse_scenario(raw: Mapping[str, Any], source: str = "<memory>") -> Scenario
     world_size = v.get(raw, "world_size", int)
     if world_size < 2:
         raise ScenarioError(source, "world_size", "an integer >= 2 (data parallelism needs two ranks)", world_size)
+    if world_size > MAX_WORLD_SIZE:
+        raise ScenarioError(source, "world_size", f"an integer <= {MAX_WORLD_SIZE}", world_size)
     steps = v.get(raw, "steps", int)
-    if steps < 1:
-        raise ScenarioError(source, "steps", "an integer >= 1", steps)
+    if not 1 <= steps <= MAX_STEPS:
+        raise ScenarioError(source, "steps", f"an integer in 1..{MAX_STEPS}", steps)
     model = v.component(raw, "model", MODELS)
     data_raw = raw.get("data")
     batch_size = v.get(data_raw if isinstance(data_raw, dict) else {}, "batch_size", int, where="data.")
@@ -181,15 +196,21 @@ def parse_scenario(raw: Mapping[str, Any], source: str = "<memory>") -> Scenario
         device=v.choice(raw, "device", _DEVICES, "cpu"),
         grad_accum=v.positive(raw, "grad_accum", int, 1),
         threads_per_rank=v.positive(raw, "threads_per_rank", int, 1),
-        timeout_s=v.positive(raw, "timeout_s", float, 600.0),
-        stall_timeout_s=v.positive(raw, "stall_timeout_s", float, 120.0),
+        timeout_s=v.positive(raw, "timeout_s", float, 600.0, upper=MAX_SECONDS),
+        stall_timeout_s=v.positive(raw, "stall_timeout_s", float, 120.0, upper=MAX_SECONDS),
         on_nonfinite=v.choice(raw, "on_nonfinite", ("continue", "stop"), "continue"),
         perturbations=perturbations,
         metrics=metrics,
-        expect=v.get(raw, "expect", dict, default={}),
+        expect=validate_expect(raw.get("expect", {}), source, steps=steps,
+                               pairwise_every=metrics.pairwise_every,
+                               weight_check_every=metrics.weight_check_every, has_sweep=bool(raw.get("sweep"))),
         sweep=v.get(raw, "sweep", dict, default={}),
         source=source,
     )
+    if scenario.sweep:
+        from testbed.sweep import validate_sweep  # every level must itself be a valid scenario
+
+        validate_sweep(scenario.sweep, raw, source)
     return scenario
 
 
@@ -211,10 +232,12 @@ class _Validator:
         except TypeError as e:
             raise ScenarioError(self.source, where + key, str(e), table[key]) from None
 
-    def positive(self, table: Mapping[str, Any], key: str, typ: Any, default: Any) -> Any:
+    def positive(self, table: Mapping[str, Any], key: str, typ: Any, default: Any, upper: float | None = None) -> Any:
         value = self.get(table, key, typ, default)
         if value <= 0 or (isinstance(value, float) and not math.isfinite(value)):
             raise ScenarioError(self.source, key, f"a positive {_describe(typ)[2:]}", value)
+        if upper is not None and value > upper:
+            raise ScenarioError(self.source, key, f"a positive {_describe(typ)[2:]} <= {upper:g}", value)
         return value
 
     def choice(self, table: Mapping[str, Any], key: str, options: tuple[str, ...], default: str) -> str:
@@ -291,8 +314,8 @@ class _Validator:
         ranks = resolve_ranks(table.get("ranks", "all"), world_size, self.source, where + "ranks")
         start = self.get(table, "start_step", int, 0, where=where)
         end = self.get(table, "end_step", int | None, None, where=where)
-        if start < 0:
-            raise ScenarioError(self.source, where + "start_step", "an integer >= 0", start)
+        if not 0 <= start < steps:  # a window that starts after the last step silently does nothing
+            raise ScenarioError(self.source, where + "start_step", f"an integer in 0..{steps - 1} (steps = {steps})", start)
         if end is not None and end <= start:
             raise ScenarioError(self.source, where + "end_step", f"an integer > start_step ({start})", end)
         params = self.params(table, registry, kind, where, {"kind", "ranks", "start_step", "end_step"})
@@ -328,3 +351,8 @@ def _describe(typ: Any) -> str:
     from testbed.registry import describe
 
     return describe(typ)
+
+
+def _one_line(text: str) -> str:
+    """Error messages are one line: control characters in a key or path are shown escaped."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")

@@ -36,7 +36,14 @@ PHASES = 4
 
 
 class NonFiniteStop(RuntimeError):
-    """Raised on every rank when a non-finite value appears and the scenario says stop."""
+    """Raised on every rank when a non-finite value appears and the scenario says stop.
+
+    ``ranks`` are the flagged ranks (not the raising one), so the launcher blames the right rank.
+    """
+
+    def __init__(self, message: str, ranks: list[int] | None = None):
+        super().__init__(message)
+        self.ranks = ranks or []
 
 
 @dataclass
@@ -235,7 +242,8 @@ def _handle_nonfinite(job: _Job, step: int, row: dict[str, Any]) -> None:
         if job.metrics_out is not None:
             job.metrics_out.write(row)
         what = ", ".join(f"{f['kind']} on rank {f['rank']}" for f in bad)
-        raise NonFiniteStop(f"non-finite values at step {step}: {what} (on_nonfinite = 'stop')")
+        ranks = sorted({f["rank"] for f in bad if f["rank"] is not None})
+        raise NonFiniteStop(f"non-finite values at step {step}: {what} (on_nonfinite = 'stop')", ranks)
 
 
 def train(scenario: Scenario, ctx: RankContext) -> None:
@@ -270,8 +278,15 @@ def error_report(ctx: RankContext, exc: BaseException) -> dict[str, Any]:
         "error": f"{type(exc).__name__}: {exc}",
         "traceback": traceback.format_exc(),
         "time": time.time(),
+        "nonfinite_ranks": exc.ranks if isinstance(exc, NonFiniteStop) else None,
     }
 
 
 def write_error_report(ctx: RankContext, exc: BaseException) -> None:
     write_json_atomic(ctx.out_dir / "ranks" / f"rank{ctx.rank}.json", error_report(ctx, exc))
+
+
+if __name__ == "__main__":  # torchrun --nproc-per-node N -m testbed.worker SCENARIO --out DIR
+    from testbed.torchrun import main
+
+    raise SystemExit(main())

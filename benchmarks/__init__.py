@@ -1,0 +1,1 @@
+"""Benchmarks (not part of the timed test suite): ``python benchmarks/overhead.py --quick``."""

@@ -1,0 +1,124 @@
+"""Fixtures and helpers shared by the scale-path tests (torchrun, hf + alpaca, the drop-in monitor).
+
+Expensive things are made once per test session and shared between pytest-xdist workers through
+a file lock in the session's common temp directory: the tiny checkpoints, and the built-in
+runner's records that the torchrun / monitor / Trainer results are compared against.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from testbed.record import read_metrics
+from testbed.runner import launch
+from testbed.spec import Scenario, load_scenario, parse_scenario
+from tests.helpers import tiny
+
+REPO = Path(__file__).resolve().parent.parent
+TORCHRUN_TIMEOUT_S = 300
+
+# The built-in run that the Trainer callback is compared against: tiny Llama + generated alpaca.
+HF_STEPS, HF_BATCH, HF_MAX_LEN, HF_SEED = 3, 4, 64, 0
+# The run that the torchrun launch and the plain-DDP monitor loop are compared against: the
+# control scenario, shortened, without dropout (a plain loop need not replay the runner's RNG).
+MLP_SCENARIO = REPO / "scenarios" / "control.toml"
+MLP_OVERRIDES = {"steps": 3, "model.dropout": 0.0, "metrics.weight_check_every": 1}
+MLP_ARGS = ["--steps", "3", "--set", "model.dropout=0.0", "--set", "metrics.weight_check_every=1"]
+
+
+def mlp_scenario() -> Scenario:
+    return load_scenario(MLP_SCENARIO, MLP_OVERRIDES)
+
+
+def _shared(tmp_path_factory: pytest.TempPathFactory, worker_id: str, name: str, make: Callable[[Path], Any]) -> Any:
+    """``make(dir)`` once per session across xdist workers; returns its JSON-able result."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if worker_id != "master" else base
+    target, done = root / name, root / f"{name}.json"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            done.write_text(json.dumps(make(target)))
+    return json.loads(done.read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> dict[str, Path]:
+    """A tiny Llama checkpoint + tokenizer + alpaca.json, and the same weights in openPangu layout."""
+    def make(root: Path) -> dict[str, str]:
+        from testbed.tiny_checkpoint import make_tiny_checkpoint
+
+        llama = make_tiny_checkpoint(root / "llama")
+        pangu = make_tiny_checkpoint(root / "pangu", pangu=True)
+        return {"llama": str(llama), "pangu": str(pangu), "alpaca": str(llama / "alpaca.json")}
+
+    return {k: Path(v) for k, v in _shared(tmp_path_factory, worker_id, "tiny_hf", make).items()}
+
+
+def hf_raw(tiny_hf: dict[str, Path], **changes: Any) -> dict[str, Any]:
+    """The 2-rank gloo scenario with ``kind = "hf"`` and ``kind = "alpaca"`` on the tiny checkpoint."""
+    raw = tiny(name="hf-alpaca", steps=HF_STEPS, seed=HF_SEED, timeout_s=240.0,
+               model={"kind": "hf", "path": str(tiny_hf["llama"])},
+               data={"kind": "alpaca", "batch_size": HF_BATCH, "path": str(tiny_hf["alpaca"]),
+                     "tokenizer": str(tiny_hf["llama"]), "max_len": HF_MAX_LEN},
+               optim={"kind": "sgd", "lr": 0.5}, metrics={"weight_check_every": 1})
+    raw.update(changes)
+    return raw
+
+
+def _runner_record(scenario: Scenario, out: Path) -> dict[str, Any]:
+    result = launch(scenario, out)
+    return {"ok": result.ok, "reason": result.reason, "out": str(out), "rows": read_metrics(out)}
+
+
+@pytest.fixture(scope="session")
+def hf_runner_record(tmp_path_factory: pytest.TempPathFactory, worker_id: str, tiny_hf: dict[str, Path]) -> dict[str, Any]:
+    """The built-in runner's record of the hf + alpaca scenario (2 gloo ranks)."""
+    return _shared(tmp_path_factory, worker_id, "hf_run", lambda out: _runner_record(parse_scenario(hf_raw(tiny_hf)), out))
+
+
+@pytest.fixture(scope="session")
+def mlp_runner_record(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> dict[str, Any]:
+    """The built-in (spawn) runner's record of the shortened control scenario."""
+    return _shared(tmp_path_factory, worker_id, "mlp_run", lambda out: _runner_record(mlp_scenario(), out))
+
+
+def torchrun(args: list[str], tmp_path: Path, nproc: int = 2, timeout: float = TORCHRUN_TIMEOUT_S) -> tuple[int, str]:
+    """``python -m torch.distributed.run --standalone`` (free rendezvous port), bounded; (exit code, output)."""
+    env = {**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
+    return run_bounded(cmd, env, timeout)
+
+
+def run_bounded(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[int, str]:
+    """Run a command in its own session; on timeout kill that session (never leaves processes)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"{cmd[:6]}... did not finish in {timeout} s:\n{out[-4000:]}") from None
+    return proc.returncode, out
+
+
+def assert_rows_close(actual: list[dict[str, Any]], expected: list[dict[str, Any]], keys: tuple[str, ...],
+                      rtol: float, atol: float = 0.0) -> None:
+    """Same steps, and every listed metric (scalar or per-rank list) equal within tolerance."""
+    import numpy as np
+
+    assert [r["step"] for r in actual] == [r["step"] for r in expected]
+    for a, e in zip(actual, expected):
+        for key in keys:
+            assert a.get(key) is not None and e.get(key) is not None, (key, a.get(key), e.get(key))
+            np.testing.assert_allclose(a[key], e[key], rtol=rtol, atol=atol, err_msg=f"step {e['step']} {key}")

@@ -1,0 +1,81 @@
+"""The drop-in monitor: a user's plain 2-rank DDP loop and a 2-rank Hugging Face Trainer run, both
+launched with torchrun, record per-step metrics equal to the built-in runner's on the same data,
+seed and initial weights (tests/monitor_scripts.py builds both so that they see the same batches)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import testbed
+from testbed.record import read_metrics
+from testbed.spec import parse_scenario
+from tests.scale_fixtures import (HF_STEPS, assert_rows_close, hf_raw, hf_runner_record, mlp_runner_record,  # noqa: F401
+                                  mlp_scenario, tiny_hf, torchrun)
+
+SCRIPT = str(Path(__file__).with_name("monitor_scripts.py"))
+METRICS = ("loss", "global_loss", "loss_std", "grad_norm", "grad_norm_std", "mean_grad_norm", "cos_to_mean",
+           "cos_mean", "noise_scale")
+
+
+def _launch(mode: str, scenario_dict: dict, tmp_path: Path) -> list[dict]:
+    spec = tmp_path / "scenario.json"
+    spec.write_text(json.dumps(scenario_dict))
+    out = tmp_path / "out"
+    code, log = torchrun([SCRIPT, mode, str(spec), str(out)], tmp_path)
+    assert code == 0, log[-4000:]
+    return read_metrics(out)
+
+
+@pytest.mark.timeout(400)
+def test_plain_ddp_loop_records_the_runners_metrics(mlp_runner_record, tmp_path):
+    assert mlp_runner_record["ok"], mlp_runner_record["reason"]
+    rows = _launch("ddp", mlp_scenario().to_dict(), tmp_path)
+    # Same weights, batches and arithmetic as the runner: equal to the last bit in practice.
+    assert_rows_close(rows, mlp_runner_record["rows"], METRICS, rtol=1e-12)
+    assert [r["weight_checksum"] for r in rows] == [r["weight_checksum"] for r in mlp_runner_record["rows"]]
+
+
+@pytest.mark.timeout(500)
+def test_trainer_callback_records_the_runners_metrics(hf_runner_record, tiny_hf, tmp_path):
+    """Equal within float round-off when the Trainer is set up to do what the runner does: the same
+    batches per rank (sequential sampler over the runner's order), SGD at a constant rate, no
+    clipping, grad_accum 1 and ``average_tokens_across_devices=False`` (docs/monitor.md says why)."""
+    assert hf_runner_record["ok"], hf_runner_record["reason"]
+    rows = _launch("trainer", parse_scenario(hf_raw(tiny_hf)).to_dict(), tmp_path)
+    assert len(rows) == HF_STEPS and all(r["weights_in_sync"] for r in rows)
+    assert_rows_close(rows, hf_runner_record["rows"], METRICS, rtol=1e-5, atol=1e-7)
+
+
+def test_attach_needs_a_ddp_model():
+    with pytest.raises(TypeError, match="DistributedDataParallel"):
+        testbed.attach(torch.nn.Linear(2, 2))
+
+
+def test_monitor_measures_every_kth_step_and_closes_its_file(tmp_path):
+    """One process (world size 1): the mean gradient is the local one, so cos = 1 and std = 0."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = DDP(torch.nn.Linear(4, 1))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        with testbed.attach(model, out_dir=tmp_path, every=2, weight_check_every=3, batch_size=8) as monitor:
+            rows = []
+            for _ in range(4):
+                loss = model(torch.randn(8, 4)).pow(2).mean()
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                rows.append(monitor.step(loss))
+        assert monitor.writer is None
+    finally:
+        dist.destroy_process_group()
+    assert rows[1] is None and rows[3] is None  # odd steps unmeasured, no weight check due
+    assert rows[0]["cos_to_mean"] == [pytest.approx(1.0)] and rows[0]["loss_std"] == 0.0
+    assert rows[0]["noise_scale"] is None  # one rank: no second batch size to compare
+    assert rows[2]["weights_in_sync"] and "cos_mean" in rows[2]
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 2]

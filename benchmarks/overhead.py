@@ -31,7 +31,7 @@ from benchmarks.variants import SIZES, VARIANTS  # noqa: E402
 QUICK = {"sizes": ["1M", "11M"], "ranks": [2], "batches": [64, 512], "rounds": 3, "block_s": 0.25,
          "memory_sizes": ["11M"], "memory_batches": [64]}
 FULL = {"sizes": ["1M", "11M", "50M"], "ranks": [2, 4], "batches": [64, 512], "rounds": 7, "block_s": 0.5,
-        "memory_sizes": None, "memory_batches": None}
+        "memory_sizes": ["1M", "11M", "50M"], "memory_batches": [64]}  # extra memory does not depend on batch
 
 
 def make_plan(configs: list[dict[str, Any]], modes: list[str], args: argparse.Namespace) -> dict[str, Any]:

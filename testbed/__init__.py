@@ -2,7 +2,7 @@
 from testbed.spec import Scenario, ScenarioError, load_scenario
 
 __version__ = "0.1.0"
-__all__ = ["Scenario", "ScenarioError", "load_scenario", "__version__", "attach", "Monitor", "TestbedCallback"]
+__all__ = ["Scenario", "ScenarioError", "load_scenario", "__version__", "attach", "Monitor"]  # + TestbedCallback (needs transformers)
 
 # The drop-in monitor, imported on first use: ``import testbed`` stays light (no torch.distributed,
 # no transformers - TestbedCallback needs transformers, the rest does not).

@@ -5,22 +5,32 @@ each per-rank metric (``loss``, ``grad_norm``, ``cos_to_mean``) every rank gets 
 and a rank "stands out" at a step when ``|z| > threshold`` in any metric. Post-hoc analysis of the
 recorded rows (pure: no torch, no processes), so it may look at the whole run.
 
-N ≥ 3 — cross-rank median / MAD per step::
+N ≥ 3 — distance from the cross-rank median, in units of a robust spread::
 
-    z_i(t) = (x_i(t) − median_j x_j(t)) / max(1.4826·MAD_j x_j(t),  typical,  floor)
+    z_i(t) = (x_i(t) − median_j x_j(t)) / max(S(t), floor)
+    S(t)   = 1.4826 · median of |x_j(t') − median_{k≠j} x_k(t')| over all ranks j, steps t−5 … t+5
 
-``typical`` is the median over the run of the per-step ``1.4826·MAD``. With 3–8 ranks a step's
-MAD can be tiny by chance, and the MAD alone would then turn ordinary worker disagreement into
-large z; the run's typical spread is the floor under it. ``floor`` (1e-12 × max(1, |median|))
-only matters when ranks are bit-identical (MAD 0 throughout): then any difference is an anomaly
-and its z is correspondingly huge.
+S is the MAD of the leave-one-out deviations, pooled over the steps around t. Not the step's own
+MAD: with 3–8 ranks that is a statistic of a handful of numbers (with 3 ranks, the gap between
+the two that are not the outlier) and swings widely, so it sometimes hides a ×1000 corruption and
+sometimes inflates ordinary disagreement. Leave-one-out, because deviations from a median that
+includes the rank itself are biased low for small N. Measured on Gaussian ranks (11-step windows,
+a 10σ spike on one rank): largest null |z| / median spike z = 7.6 / 6.8 (N = 3), 9.1 / 7.7 (4),
+6.0 / 8.8 (8); with the step's own MAD instead: 42 / 16, 17.5 / 13.6, 7.7 / 11.4. A window, not
+the whole run, because the spread drifts (loss CV rose 10× over 20 steps on the transformer
+shuffle ladder). ``floor`` (1e-12 × max(1, |median|)) matters only for bit-identical ranks (spread
+0): then any difference is an anomaly and its z is huge. Limit: with exactly 3 ranks, a rank that
+is off at *every* step also shifts the other two's leave-one-out medians, S grows with it, and a
+persistent outlier is not attributed (transient ones are); from 4 ranks on it is.
 
 N = 2 — the cross-rank MAD is degenerate: the median is the midpoint, both ranks sit exactly the
 same distance from it, and neither can be singled out at one step. So two things are combined:
-(1) *when*: the pair difference ``Δ(t) = x_1(t) − x_0(t)`` as a robust z over the run's own
-history, ``z_Δ(t) = (Δ(t) − median_t Δ) / max(1.4826·MAD_t Δ, floor)``; (2) *who*: each rank's
-move against its own neighbouring steps, ``e_i(t) = x_i(t) − median(x_i over t±3, t excluded)``.
-The disagreement is given to the ranks in proportion to how far each moved:
+(1) *when*: the pair difference ``Δ(t) = x_1(t) − x_0(t)`` as a robust z over its own history,
+``z_Δ(t) = (Δ(t) − median Δ) / max(1.4826·MAD Δ, floor)``, median and MAD over steps t−15 … t+15
+(a window for the reason above; wider, as a step gives one number, not N — with ±5 Gaussian
+noise exceeded |z| = 8 at 5e-4 of steps, with ±15 at none of 30k); (2) *who*: each rank's move
+against its own neighbouring steps, ``e_i(t) = x_i(t) − median(x_i over t±3, t excluded)``. The
+disagreement is given to the ranks in proportion to how far each moved:
 ``z_1 = z_Δ·|e_1|/max|e|``, ``z_0 = −z_Δ·|e_0|/max|e|`` (both get ``±z_Δ`` when neither moved:
 ambiguous). Consequence: with two ranks only *transient* anomalies are attributable; a constant
 offset between the two (e.g. label noise on one rank from step 0) is, by construction, the
@@ -30,9 +40,8 @@ N = 1 — nothing to compare: no attribution (``method`` says so).
 
 Loss and gradient norm are compared as ``log(x)`` when all their values in the run are positive:
 their scale drifts over training (the mean grad norm of a 4-rank shuffle_desync_1 run grew 2.9×
-in 40 steps), so an absolute "typical MAD" from the early steps would turn ordinary late-run
-spread into large z; in log space a deviation is a ratio and one typical spread serves the whole
-run. Cosines stay linear.
+in 40 steps) and in log space a deviation is a ratio, so spreads from neighbouring steps compare.
+Cosines stay linear.
 
 Non-finite values: a rank flagged ``nonfinite_loss`` / ``nonfinite_grad`` at a step while some
 peer was finite stands out there with ``z = inf`` (``nonfinite: true``; JSON ``z: null``). Once
@@ -50,16 +59,18 @@ import numpy as np
 Row = dict[str, Any]
 METRICS: tuple[str, ...] = ("loss", "grad_norm", "cos_to_mean")
 LOG_METRICS = frozenset({"loss", "grad_norm"})  # compared as log(x) when all values are > 0
-# Why 10 and not the usual 3.5: with few ranks the null distribution has heavy tails. Largest |z|
-# measured on 7 runs of 40 steps where no rank is anomalous by construction (control on 2 ranks,
-# control_4rank, shuffle_desync_1, 4 levels of a shuffle-desync ladder on 4 ranks): 8.16 (a
-# cosine; 7.97 for loss on 2 ranks). Gaussian per-rank values, 100k simulated steps:
-# P(|z| > 10) = 3e-6 per rank-step for N = 3, none seen for N = 2, 4, 8; Student-t(3) values on
-# 4 ranks: 1.3e-3. A ×10 gradient corruption on 1 of 4 ranks scores 26 (log grad norm).
+# Threshold, in units of the robust spread (≈ σ). Largest |z| measured where no rank is anomalous
+# by construction: 4.85 (loss, control on 2 ranks, 40 steps); 4.74 over 9 runs on 4 ranks
+# (control_4rank; shuffle_desync_1 twice; 3 more levels of an MLP shuffle ladder; the 2of4, 3of4,
+# 4of4 levels of the transformer shuffle_ladder, 20 steps).
+# Gaussian per-rank values, 100k steps: P(|z| > 8) = 0 for N = 2, 3, 4, 8;
+# Student-t(3) on 4 ranks: 1.5e-3. A ×10 one-step gradient corruption on 1 of 4 ranks scored 13.
 # A pointer for where to look, not a verdict.
-DEFAULT_THRESHOLD = 10.0
+DEFAULT_THRESHOLD = 8.0
 MAD_TO_SIGMA = 1.4826  # MAD × this estimates σ for normal data
 NEIGHBOURS = 3  # N = 2: steps on each side that define a rank's own recent values
+LOCAL_STEPS = 5  # N ≥ 3: steps on each side whose spread sets a step's scale
+PAIR_STEPS = 15  # N = 2: the same, wider: one number (Δ) per step instead of N
 _NONFINITE_FLAG = {"loss": "nonfinite_loss", "grad_norm": "nonfinite_grad", "cos_to_mean": "nonfinite_grad"}
 
 
@@ -92,35 +103,42 @@ def _floor(center: np.ndarray | float) -> np.ndarray:
     return 1e-12 * np.maximum(1.0, np.abs(center))
 
 
-def cross_rank_z(values: np.ndarray) -> np.ndarray:
-    """N ≥ 3: per-step median / MAD z, with the run's typical MAD as the floor (module doc)."""
+def cross_rank_z(values: np.ndarray, width: int = LOCAL_STEPS) -> np.ndarray:
+    """N ≥ 3: distance from the step's cross-rank median, in units of the leave-one-out spread
+    typical of the steps around it (module doc)."""
     with warnings.catch_warnings():  # an all-undefined step (e.g. every cosine None) is NaN
         warnings.simplefilter("ignore", RuntimeWarning)
         center = np.nanmedian(values, axis=1, keepdims=True)
-        mad = MAD_TO_SIGMA * np.nanmedian(np.abs(values - center), axis=1, keepdims=True)
-    defined = mad[np.isfinite(mad)]
-    typical = float(np.median(defined)) if defined.size else 0.0
-    scale = np.maximum(np.maximum(np.nan_to_num(mad, nan=0.0), typical), _floor(np.nan_to_num(center)))
+        loo = np.abs(values - leave_one_out_median(values))
+        spread = [MAD_TO_SIGMA * np.nanmedian(loo[max(0, t - width):t + width + 1]) for t in range(len(values))]
+    scale = np.maximum(np.nan_to_num(np.asarray(spread, dtype=float), nan=0.0)[:, None], _floor(np.nan_to_num(center)))
     return (values - center) / scale
 
 
-def pair_z(values: np.ndarray) -> np.ndarray:
-    """N = 2: history z of the pair difference, shared out by each rank's own move (module doc)."""
+def leave_one_out_median(values: np.ndarray) -> np.ndarray:
+    """[T, N]: for each rank, the median of the *other* ranks at the same step."""
+    out = np.empty_like(values)
+    for i in range(values.shape[1]):
+        out[:, i] = np.nanmedian(np.delete(values, i, axis=1), axis=1)
+    return out
+
+
+def pair_z(values: np.ndarray, width: int = PAIR_STEPS) -> np.ndarray:
+    """N = 2: windowed z of the pair difference, shared out by each rank's own move (module doc)."""
     delta = values[:, 1] - values[:, 0]
-    ok = np.isfinite(delta)
-    z = np.full(values.shape, np.nan)
-    if not ok.any():
-        return z
-    center = float(np.median(delta[ok]))
-    scale = max(MAD_TO_SIGMA * float(np.median(np.abs(delta[ok] - center))), float(_floor(center)))
-    z_delta = (delta - center) / scale
+    z_delta = np.full(delta.shape, np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for t in range(delta.size):
+            window = delta[max(0, t - width):t + width + 1]
+            center = np.nanmedian(window)
+            scale = max(MAD_TO_SIGMA * np.nanmedian(np.abs(window - center)), float(_floor(center)))
+            z_delta[t] = (delta[t] - center) / scale
     moves = np.abs(own_history_moves(values))
     biggest = np.nanmax(moves, axis=1)
     with np.errstate(all="ignore"):
         share = np.where(biggest[:, None] > 0, moves / biggest[:, None], 1.0)
-    z[:, 1] = z_delta * share[:, 1]
-    z[:, 0] = -z_delta * share[:, 0]
-    return z
+    return np.stack([-z_delta * share[:, 0], z_delta * share[:, 1]], axis=1)
 
 
 def own_history_moves(values: np.ndarray, width: int = NEIGHBOURS) -> np.ndarray:
@@ -149,9 +167,9 @@ def rank_z(values: np.ndarray, nonfinite: np.ndarray) -> np.ndarray:
 
 def method_for(world_size: int) -> str:
     if world_size >= 3:
-        return "cross-rank median/MAD per step (floor: the run's typical MAD)"
+        return f"cross-rank median; scale: leave-one-out MAD over steps t±{LOCAL_STEPS}"
     if world_size == 2:
-        return "N=2: pair-difference z over the run, attributed by each rank's own move"
+        return f"N=2: pair-difference z over steps t±{PAIR_STEPS}, given to the rank that moved"
     return "none: world size 1"
 
 

@@ -118,7 +118,8 @@ def _check_tolerances(table: Any, where: str) -> None:
     if not isinstance(table, dict):
         raise BaselineError(f"{where}: expected an object of {{'abs', 'rel', 'fail_if'}} entries")
     for key, tol in table.items():
-        ok = isinstance(tol, dict) and set(tol) <= {"abs", "rel", "fail_if"} and tol.get("fail_if", "either") in FAIL_IF \
+        ok = isinstance(tol, dict) and set(tol) <= {"abs", "rel", "fail_if"} \
+            and tol.get("fail_if", "either") in FAIL_IF \
             and all(isinstance(tol.get(k, 0), (int, float)) and not isinstance(tol.get(k, 0), bool)
                     and tol.get(k, 0) >= 0 for k in ("abs", "rel"))
         if not ok:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from testbed import launch_plan
-from testbed.record import default_run_dir, read_metrics
+from testbed.record import EVENTS_FILE, default_run_dir, read_jsonl, read_metrics
 from testbed.spec import ScenarioError, load_scenario
 from testbed.summary import format_table, summarize
 
@@ -38,18 +38,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     scenario_path = args.scenario or DEFAULT_SCENARIO
     scenario = load_scenario(scenario_path, _overrides(args))
-    if args.dry_run:
+    if getattr(args, "dry_run", False):
         return launch_plan.print_plan(scenario, scenario_path, args)
     out_dir = Path(args.out) if args.out else default_run_dir(scenario.name)
     print(f"testbed: running {scenario.name!r}: {scenario.world_size} ranks × {scenario.steps} steps "
           f"({scenario.model.kind} / {scenario.data.kind}, {scenario.optim.kind}) → {out_dir}", flush=True)
-    if args.launcher == "torchrun":
+    if getattr(args, "launcher", "spawn") == "torchrun":
         result = launch_plan.launch_torchrun(scenario, scenario_path, out_dir, args)
     else:
         result = launch(scenario, out_dir)
     rows = read_metrics(out_dir)
     print(format_table(summarize(rows)))
     if result.ok:
+        bad = [e for e in read_jsonl(out_dir / EVENTS_FILE) if str(e.get("event", "")).startswith("nonfinite")]
+        if bad:  # on_nonfinite = "continue": the run is complete, but must not look clean
+            print(f"WARNING: {len(bad)} non-finite event(s); the first: {bad[0].get('event')} on rank "
+                  f"{bad[0].get('rank')} at step {bad[0].get('step')} (see {out_dir}/events.jsonl)", file=sys.stderr)
+        if result.reason:
+            print(f"note: {result.reason}", file=sys.stderr)
         print(f"ok in {result.wall_time_s:.1f} s; record: {out_dir}/metrics.jsonl, {out_dir}/run.json")
         return EXIT_OK
     print(f"FAILED: {result.reason}", file=sys.stderr)

@@ -40,7 +40,8 @@ def evaluate_sweep(exp: Expectations, sweep_dir: Path) -> list[Finding]:
             findings.append(Finding("sweep", False, f"level {label}: status {status}"
                                     + ("" if run is not None else ", no run directory"), level=label))
         if run is not None:
-            findings += [replace(f, level=label, message=f"level {label}: {f.message}") for f in evaluate(per_level, run)]
+            findings += [replace(f, level=label, message=f"level {label}: {f.message}")
+                         for f in evaluate(per_level, run)]
             if status == "ok" and run.ok:
                 usable.append((label, run))
     for metric in exp.dispersion_increases:
@@ -62,7 +63,8 @@ def _check_increasing(metric: str, levels: Sequence[tuple[str, RunData]], exp: E
     text = ", ".join(f"{lab}: {v:.4g}" for lab, v in values)
     for (la, va), (lb, vb) in zip(values, values[1:]):
         if sign * (vb - va) < -exp.dispersion_slack:
-            return Finding(check, False, f"{metric} {exp.statistic} {'falls' if higher else 'rises'} from level {la} to "
+            moved = "falls" if higher else "rises"
+            return Finding(check, False, f"{metric} {exp.statistic} {moved} from level {la} to "
                            f"{lb} beyond slack {exp.dispersion_slack:g} ({text})", metric, vb, va, level=lb)
     if sign * (values[-1][1] - values[0][1]) <= 0:
         return Finding(check, False, f"{metric} is no more dispersed at the last level than the first ({text})",

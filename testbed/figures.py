@@ -37,16 +37,22 @@ def series(rows: Sequence[dict[str, Any]], key: str) -> tuple[np.ndarray, np.nda
     return steps, values
 
 
-def _maybe_log(ax: Any, values: np.ndarray, label: str) -> None:
+def _maybe_log(ax: Any, values: np.ndarray, label: str, hidden: Sequence[str] = ()) -> bool:
+    """Label the y axis; go logarithmic if the positive values span ≥ LOG_SPAN. On a log axis,
+    say inside the panel that values ≤ 0 are not drawn, naming the ``hidden`` series (those with
+    no positive value at all, which would otherwise vanish without a trace)."""
     finite = values[np.isfinite(values)]
     positive = finite[finite > 0]
-    if positive.size and positive.max() / positive.min() >= LOG_SPAN:
+    log = bool(positive.size and positive.max() / positive.min() >= LOG_SPAN)
+    if log:
         ax.set_yscale("log")
         if (finite <= 0).any():
-            label += "  (log; zeros not shown)"
-        else:
-            label += "  (log)"
-    ax.set_ylabel(label)
+            note = "log scale: values ≤ 0 not drawn"
+            if hidden:
+                note += f" ({', '.join(hidden)}: ≤ 0 at every step)"
+            ax.text(0.01, 0.02, note, transform=ax.transAxes, fontsize=7, color="0.35")
+    ax.set_ylabel(label + ("  (log)" if log else ""))
+    return log
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -118,9 +124,9 @@ def moving_mean(values: np.ndarray, window: int) -> np.ndarray:
 
 
 DISPERSION_PANELS: tuple[tuple[str, str], ...] = (
-    ("loss_cv", "loss CV (std / mean over ranks)"),
+    ("loss_cv", "loss CV over ranks"),
     ("grad_norm_cv", "grad-norm CV over ranks"),
-    ("cos_mean", "mean cosine(local grad, mean grad)"),
+    ("cos_mean", "mean cos(g_i, mean g)"),
 )
 
 
@@ -129,8 +135,8 @@ def dispersion_vs_step(runs: Sequence[PlottedRun], path: Path, title: str, legen
 
     Per-step values are noisy (each is a statistic of N numbers), so with ≥ 15 steps they are
     drawn thin and a centred moving mean is drawn thick over them (the mean smears a one-step
-    spike over its window: the thin line shows the step). A dotted line marks where a run's
-    attributed outlier rank first stood out (``run.summary["outlier"]``, if the run has one).
+    spike over its window: the thin line shows the step). Vertical lines mark the detectors'
+    findings (``detector_events``): dotted, an outlier rank; dashed, the first weight divergence.
     """
     fig = Figure(figsize=(9.0, 9.5), layout="constrained")
     axes = fig.subplots(len(DISPERSION_PANELS), 1, sharex=True)
@@ -147,10 +153,12 @@ def dispersion_vs_step(runs: Sequence[PlottedRun], path: Path, title: str, legen
                 ax.plot(steps, moving_mean(values, window), lw=2.0, color=color, label=run.label)
             else:
                 ax.plot(steps, values, lw=1.4, color=color, label=run.label, marker=".")
-        _maybe_log(ax, np.concatenate(plotted) if plotted else np.array([]), label)
+        hidden = [run.label for run, v in zip(runs, plotted) if not (v[np.isfinite(v)] > 0).any()]
+        _maybe_log(ax, np.concatenate(plotted) if plotted else np.array([]), label, hidden)
         ax.grid(alpha=0.3, which="both" if ax.get_yscale() == "log" else "major")
+    marked = 0
     for run, color in zip(runs, colors):
-        _mark_outlier(axes, run, color)
+        marked += _mark_events(axes, run, color, marked)
     axes[-1].set_xlabel("step")
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].legend(fontsize=8, loc="best", ncols=2 if len(runs) > 5 else 1, title=legend_title, title_fontsize=8)
@@ -158,16 +166,30 @@ def dispersion_vs_step(runs: Sequence[PlottedRun], path: Path, title: str, legen
     return _save(fig, path)
 
 
-def _mark_outlier(axes: Sequence[Any], run: PlottedRun, color: Any) -> None:
-    """A dotted vertical line where the run's attributed outlier rank first stood out."""
-    outlier = (getattr(run, "summary", None) or {}).get("outlier", {}).get("outlier")
-    if not outlier:
-        return
-    for ax in axes:
-        ax.axvline(outlier["step"], color=color, ls=":", lw=1.2)
-    axes[0].annotate(f"rank {outlier['rank']} stands out ({outlier['metric']})", (outlier["step"], 1.0),
-                     xycoords=("data", "axes fraction"), xytext=(3, -12), textcoords="offset points",
-                     fontsize=8, color=color)
+def detector_events(run: PlottedRun) -> list[tuple[int, str, str]]:
+    """(step, text, line style) of what the run's detectors found, from ``run.summary`` (if any):
+    where the attributed outlier rank first stood out, and the first weight divergence."""
+    summary = getattr(run, "summary", None) or {}
+    events = []
+    outlier = summary.get("outlier", {}).get("outlier")
+    if outlier:
+        events.append((outlier["step"], f"rank {outlier['rank']} stands out ({outlier['metric']})", ":"))
+    if summary.get("first_weight_divergence_step") is not None:
+        ranks = ", ".join(map(str, summary.get("first_weight_divergence_ranks") or []))
+        events.append((summary["first_weight_divergence_step"], f"weights diverge (rank {ranks})", "--"))
+    return events
+
+
+def _mark_events(axes: Sequence[Any], run: PlottedRun, color: Any, slot: int) -> int:
+    """Vertical lines at the run's detector events, labelled in the top panel (``slot``
+    staggers the labels of several runs). Returns how many labels were drawn."""
+    events = detector_events(run)
+    for k, (step, text, style) in enumerate(events):
+        for ax in axes:
+            ax.axvline(step, color=color, ls=style, lw=1.2)
+        axes[0].annotate(f"{run.label}: {text}", (step, 1.0), xycoords=("data", "axes fraction"),
+                         xytext=(3, -12 - 11 * (slot + k)), textcoords="offset points", fontsize=8, color=color)
+    return len(events)
 
 
 def dispersion_vs_level(ticks: Sequence[str], positions: Sequence[float], runs: Sequence[PlottedRun],
@@ -204,7 +226,7 @@ def pairwise_heatmaps(items: Sequence[tuple[str, int, Sequence[Sequence[float | 
     from matplotlib import colormaps
 
     n_panels = len(items)
-    cols = min(n_panels, 4)
+    cols = min(n_panels, 5)
     rows_n = math.ceil(n_panels / cols)
     size = max((len(m) for _, _, m in items), default=1)
     cell = min(0.6 * size + 1.6, 5.0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -77,8 +78,10 @@ def scenario_paths(items: Sequence[str | Path]) -> list[Path]:
 def execute(scenario: Scenario, out_dir: Path) -> RunData | Path:
     """Run one scenario (a plain run → its RunData; a sweep → its sweep directory)."""
     if scenario.sweep:
-        from testbed.sweep import run_sweep
+        from testbed.sweep import SWEEP_FILE, run_sweep
 
+        if (out_dir / SWEEP_FILE).is_file():  # a gate checks this code: never resume an older sweep
+            shutil.rmtree(out_dir)
         sweep_dir, _, _ = run_sweep(Path(scenario.source), out_dir, stream=sys.stderr)
         return sweep_dir
     from testbed.runner import launch

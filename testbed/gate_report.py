@@ -55,15 +55,18 @@ def text(outcomes: Sequence["Outcome"]) -> str:
 
 
 def junit_tree(outcomes: Sequence["Outcome"], wall_s: float) -> ET.ElementTree:
-    """``<testsuites><testsuite name="testbed.gate"><testcase name=SCENARIO>`` with a ``<failure>`` each."""
+    """``<testsuites><testsuite name="testbed.gate"><testcase name=SCENARIO>`` with a ``<failure>`` each.
+
+    Only attributes of the strict (xunit2 / Jenkins) schema, so every JUnit consumer accepts it;
+    the scenario file and run directory go to ``<system-out>``.
+    """
     failures = sum(not o.passed for o in outcomes)
     root = ET.Element("testsuites", name="testbed gate", tests=str(len(outcomes)), failures=str(failures),
                       errors="0", time=f"{wall_s:.3f}")
     suite = ET.SubElement(root, "testsuite", name="testbed.gate", tests=str(len(outcomes)), failures=str(failures),
                           errors="0", skipped="0", time=f"{sum(o.wall_s for o in outcomes):.3f}")
     for o in outcomes:
-        case = ET.SubElement(suite, "testcase", classname="testbed.gate", name=o.name, file=o.scenario.source,
-                             time=f"{o.wall_s:.3f}")
+        case = ET.SubElement(suite, "testcase", classname="testbed.gate", name=o.name, time=f"{o.wall_s:.3f}")
         if o.failures:
             first = o.failures[0]
             message = f"{len(o.failures)} check(s) failed; first: {first.check}: {first.message}"
@@ -71,7 +74,8 @@ def junit_tree(outcomes: Sequence["Outcome"], wall_s: float) -> ET.ElementTree:
             ET.SubElement(case, "failure", message=message, type="ConsistencyRegression").text = body
         passed = [f"{f.check}: {f.message}" for f in o.findings if f.passed]
         passed += [f"baseline {d.message}" for d in o.deviations if d.passed and d.message]
-        ET.SubElement(case, "system-out").text = f"run: {o.run_dir}\n" + "\n".join(passed)
+        header = f"scenario: {o.scenario.source}\nrun: {o.run_dir}\n"
+        ET.SubElement(case, "system-out").text = header + "\n".join(passed)
     ET.indent(root)
     return ET.ElementTree(root)
 

@@ -145,12 +145,17 @@ def hf(dataset: Dataset, *, path: str, trust_remote_code: bool = False, dtype: P
        gradient_checkpointing: bool = False, attn_implementation: Literal["sdpa", "eager"] = "sdpa",
        params_b_hint: float = 0.0) -> nn.Module:
     """Causal LM from the local checkpoint directory ``path``; ``forward(**batch)`` → masked mean loss.
+    Needs a dataset whose batches carry ``input_ids``, ``attention_mask`` and ``labels`` (``alpaca``).
 
     ``params_b_hint`` (billions of parameters) is read only by ``testbed run --dry-run`` to estimate
     memory when the checkpoint is not on the planning machine; training ignores it.
     """
     from transformers.utils import logging as hf_logging
 
+    keys = set(dataset.batch(torch.tensor([0])))
+    if not {"input_ids", "attention_mask", "labels"} <= keys:
+        raise ValueError(f"[model] kind = 'hf' needs batches with input_ids, attention_mask and labels "
+                         f"(e.g. [data] kind = 'alpaca'); this dataset gives {sorted(keys)}")
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per rank is noise in the run's log
     lm = load_causal_lm(path, trust_remote_code=trust_remote_code, precision=dtype,
                         attn_implementation=attn_implementation)

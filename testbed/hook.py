@@ -2,7 +2,7 @@
 
 Modelled on ``torch.distributed.algorithms.ddp_comm_hooks``: an explicit state object and a small
 hook function. Per bucket the hook (1) applies the step's gradient perturbations, if any, to the
-local bucket, (2) on pairwise steps all-gathers it chunk by chunk (``GRAM_CHUNK`` elements per
+local bucket, (2) on pairwise steps all-gathers it chunk by chunk (``GATHER_CHUNK`` elements per
 rank) and accumulates the Gram matrix (peak extra memory: N chunks, not N buckets), (3)
 all-reduces with SUM and divides by N (HCCL lacks AVG/PREMUL_SUM), and (4) once the mean is
 back, accumulates ``‖g_i‖²`` and ``g_i·ḡ`` together, reading each chunk of the local gradient
@@ -27,6 +27,9 @@ import torch.distributed as dist
 from testbed.metrics import GRAM_CHUNK, BucketAccumulator
 
 GradTransform = Callable[[torch.Tensor, torch.Generator], None]
+# Elements per rank per pairwise all-gather: the pairwise step's extra memory is N × this (× 4 bytes
+# for fp32), whatever the bucket size; one more collective per chunk is the price (benchmarks/).
+GATHER_CHUNK = GRAM_CHUNK
 
 
 @dataclass
@@ -61,8 +64,8 @@ def gather_bucket(buf: torch.Tensor, world_size: int, group: dist.ProcessGroup |
 
     The pairwise path's only large allocation: N × (``buf`` bytes), written in place by the
     collective (no per-rank list, no stacked copy) and freed when the caller drops it. The hook
-    passes one ``GRAM_CHUNK`` slice of a bucket at a time, so the extra peak memory of a pairwise
-    step is N × GRAM_CHUNK elements (plus what ``BucketAccumulator.add_gram`` documents: an N×N
+    passes one ``GATHER_CHUNK`` slice of a bucket at a time, so the extra peak memory of a pairwise
+    step is N × GATHER_CHUNK elements (plus what ``BucketAccumulator.add_gram`` documents: an N×N
     matrix), whatever the bucket size. Measured in tests/test_pairwise.py and benchmarks/.
     """
     out = torch.empty(world_size * buf.numel(), dtype=buf.dtype, device=buf.device)
@@ -79,7 +82,7 @@ def consistency_hook(state: ConsistencyState, bucket: dist.GradBucket) -> torch.
     local = None
     if acc is not None:
         if acc.gram is not None:
-            for chunk in buf.reshape(-1).split(GRAM_CHUNK):
+            for chunk in buf.reshape(-1).split(GATHER_CHUNK):
                 acc.add_gram(gather_bucket(chunk, state.world_size, state.process_group))
         if state.copy_local or state.grad_transforms or state.keep_local:
             local = buf.clone()

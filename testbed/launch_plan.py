@@ -71,10 +71,12 @@ class LaunchPlan:
                 str(self.scenario_path), "--out", self.out_dir, *self.worker_args]
 
     def command(self, node_rank: int) -> str:
-        if self.launcher == "spawn":
-            return shlex.join(["testbed", "run", str(self.scenario_path), "--out", self.out_dir, *self.worker_args])
         env = " ".join(f"{k}={v}" for k, v in self.env.items())
-        return (env + " " if env else "") + shlex.join(["torchrun", *self.torchrun_args(node_rank)])
+        if self.launcher == "spawn":
+            argv = ["testbed", "run", str(self.scenario_path), "--out", self.out_dir, *self.worker_args]
+        else:
+            argv = ["torchrun", *self.torchrun_args(node_rank)]
+        return (env + " " if env else "") + shlex.join(argv)
 
 
 def worker_args(args: argparse.Namespace) -> list[str]:

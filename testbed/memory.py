@@ -43,7 +43,7 @@ class MemoryEstimate:
 
     def lines(self) -> list[str]:
         gib = lambda n: f"{n / GIB:7.2f} GiB"  # noqa: E731
-        out = [f"parameters      {self.params / 1e9:7.3f} B  ({self.params_source})",
+        out = [f"parameters      {self.params:,} ({self.params_source})",
                f"weights         {gib(self.weights)}",
                f"gradients       {gib(self.gradients)}",
                f"DDP buckets     {gib(self.ddp_buckets)}",

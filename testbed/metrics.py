@@ -175,6 +175,7 @@ def _cosines(norms: list[float], dots: list[float], mean_sq: float, flags: list[
 def pairwise_cosine(gram: np.ndarray) -> list[list[float | None]]:
     """N×N cosine matrix from the Gram matrix; rows/cols of zero-norm ranks are None."""
     g = np.asarray(gram, dtype=np.float64)
+    g = (g + g.T) / 2  # a float32 matmul can round G_ij and G_ji differently; cos(i, j) is one number
     norms = np.sqrt(np.clip(np.diag(g), 0.0, None))
     n = g.shape[0]
     out: list[list[float | None]] = [[None] * n for _ in range(n)]

@@ -7,7 +7,8 @@ Opt-in, so a project's ordinary ``pytest`` never runs scenarios by accident::
     pytest scenarios/ --testbed --testbed-baseline baselines/catalog.json   # also compare with a baseline
 
 A ``*.toml`` file is collected when it parses to a table with ``world_size`` and ``model`` (or does
-not parse at all: a broken scenario file is a failing test, not a silently skipped one). Each item
+not parse at all: a broken scenario file is a failing test, not a silently skipped one); one whose
+``device`` is not present here (an NPU scenario on a CPU machine) is skipped with the reason. Each item
 runs its scenario for real into pytest's temporary directory — exactly what ``testbed gate`` does
 for one scenario — and fails with the gate's table of what failed, where and by how much.
 Registered through the ``pytest11`` entry point; importing it costs nothing (no torch).
@@ -73,12 +74,17 @@ class ScenarioItem(pytest.Item):
 
     def runtest(self) -> None:
         from testbed import baseline as baselines
+        from testbed.device import DeviceError, resolve_device_type
         from testbed.gate import gate, slug
         from testbed.gate_report import text
         from testbed.spec import ScenarioError, load_scenario
 
         try:
             scenario = load_scenario(self.path)
+            try:
+                resolve_device_type(scenario.device)
+            except DeviceError as e:
+                pytest.skip(f"scenario {scenario.name}: {e}")
             option = self.config.getoption("testbed_baseline")
             data = baselines.load(Path(option)) if option else None
             out = self.config._tmp_path_factory.mktemp(slug(scenario.name), numbered=True)

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from testbed import figures
 from testbed.attribution import describe as describe_outlier
 from testbed.record import METRICS_FILE, RUN_FILE, read_json, read_metrics, write_json_atomic
 from testbed.summary import SUMMARY_METRICS, summarize
@@ -80,7 +79,8 @@ def load_inputs(paths: Sequence[Path]) -> tuple[list[SweepData], list[RunData]]:
         elif (p / METRICS_FILE).exists():
             runs.append(load_run(p))
         else:
-            raise FileNotFoundError(f"{p}: neither a run directory ({METRICS_FILE}) nor a sweep directory ({SWEEP_FILE})")
+            raise FileNotFoundError(f"{p}: neither a run directory ({METRICS_FILE}) "
+                                    f"nor a sweep directory ({SWEEP_FILE})")
     labels = [r.label for r in runs]
     for r in runs:  # two runs of one scenario: tell them apart by directory
         if labels.count(r.label) > 1:
@@ -135,26 +135,36 @@ def level_axis(sweep: SweepData) -> tuple[list[float], list[str], str]:
     return [float(run.level["index"]) for run in sweep.runs], labels, f"{name} (level)"
 
 
+def _figures() -> Any:
+    """The plotting module, imported on first use: matplotlib costs every CLI call ~0.3 s."""
+    from testbed import figures
+
+    return figures
+
+
 def sweep_figures(sweep: SweepData, out: Path) -> list[Path]:
     if not sweep.runs:
         return []
+    figures = _figures()
     name = _slug(sweep.scenario or sweep.sweep_dir.name)
     title = f"{sweep.scenario or sweep.sweep_dir.name}: sweep over {sweep.parameter or 'levels'}"
     panels = [f"{sweep.parameter} = {r.label}" if sweep.parameter else r.label for r in sweep.runs]
-    made = [figures.rank_losses(sweep.runs, out / f"{name}_rank_losses.png", f"{title}\nper-rank loss vs the global loss",
-                                panel_titles=panels, sharey=True),
+    made = [figures.rank_losses(sweep.runs, out / f"{name}_rank_losses.png",
+                                f"{title}\nper-rank loss vs the global loss", panel_titles=panels, sharey=True),
             figures.dispersion_vs_step(sweep.runs, out / f"{name}_dispersion_vs_step.png",
                                        f"{title}: dispersion per step", legend_title=sweep.parameter or None)]
     positions, ticks, xlabel = level_axis(sweep)
     made.append(figures.dispersion_vs_level(ticks, positions, sweep.runs, out / f"{name}_dispersion_vs_level.png",
                                             f"{title}: dispersion per level", xlabel))
-    heatmap = pairwise_figure(sweep.runs, panels, out / f"{name}_pairwise.png", f"{title}: last pairwise matrix per level")
+    heatmap = pairwise_figure(sweep.runs, panels, out / f"{name}_pairwise.png",
+                              f"{title}: last pairwise matrix per level")
     return made + ([heatmap] if heatmap else [])
 
 
 def run_figures(runs: Sequence[RunData], out: Path) -> list[Path]:
     if not runs:
         return []
+    figures = _figures()
     labels = [r.label for r in runs]
     made = [figures.rank_losses(runs, out / "runs_rank_losses.png", "per-rank loss vs the global loss"),
             figures.dispersion_vs_step(runs, out / "runs_dispersion_vs_step.png", "dispersion per step")]
@@ -169,7 +179,7 @@ def pairwise_figure(runs: Sequence[RunData], panels: Sequence[str], path: Path, 
         last = next((r for r in reversed(run.rows) if r.get("pairwise_cos")), None)
         if last is not None:
             items.append((panel, last["step"], last["pairwise_cos"]))
-    return figures.pairwise_heatmaps(items, path, title) if items else None
+    return _figures().pairwise_heatmaps(items, path, title) if items else None
 
 
 def summary_html(run: RunData) -> str:
@@ -205,7 +215,8 @@ def level_html(sweep: SweepData, table: Sequence[dict[str, Any]]) -> str:
 
 def image_html(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<figure><img alt="{html.escape(path.name)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(path.name)}</figcaption></figure>'
+    name = html.escape(path.name)
+    return f'<figure><img alt="{name}" src="data:image/png;base64,{data}"><figcaption>{name}</figcaption></figure>'
 
 
 STYLE = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1300px}table{border-collapse:collapse;"

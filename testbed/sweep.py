@@ -135,8 +135,11 @@ def load_levels(path: Path, overrides: Mapping[str, Any] | None = None) -> tuple
 # --- running -------------------------------------------------------------------------------------
 
 
+_NOT_NUMERIC = ("source", "description", "expect")  # editing these leaves a recorded level valid
+
+
 def _comparable(scenario: Mapping[str, Any]) -> str:
-    return dumps({k: v for k, v in scenario.items() if k != "source"})
+    return dumps({k: v for k, v in scenario.items() if k not in _NOT_NUMERIC})
 
 
 def completed(level: Level, out_dir: Path) -> bool:

@@ -73,11 +73,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_rank(scenario: Scenario, out_dir: Path, rank: int, world_size: int, local_rank: int) -> int:
     """Train this rank; rank 0 keeps run.json current. Re-raises a failure (for @record)."""
     from testbed import worker
-    from testbed.runner import RunResult, finish_record, start_record
+    from testbed.runner import RunResult, _remove_stale_record, finish_record, start_record
 
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    run = start_record(scenario, out_dir, scenario.backend, "torchrun") if rank == 0 else None
+    run = None
+    if rank == 0:  # before the process group exists, so no peer can have reported yet
+        _remove_stale_record(out_dir)
+        run = start_record(scenario, out_dir, scenario.backend, "torchrun")
     ctx = worker.RankContext(rank, world_size, local_rank, out_dir)
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:

@@ -262,6 +262,7 @@ def train(scenario: Scenario, ctx: RankContext) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save({k: v.detach().cpu() for k, v in job.ddp.module.state_dict().items()}, path)
         dist.barrier()
+        ctx.mark(scenario.steps, PHASE_START)  # "past the last step": all work done, only teardown left
     finally:
         for writer in (job.metrics_out, job.events_out, job.timing_out):
             if writer is not None:

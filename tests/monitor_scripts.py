@@ -59,6 +59,12 @@ def hf_trainer(s: Scenario, out: Path) -> None:
 
     from testbed.hf import load_causal_lm
 
+    class SequentialTrainer(Trainer):
+        """Reads the dataset in order (transformers 5 also has ``train_sampling_strategy="sequential"``)."""
+
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
     torch.set_num_threads(s.threads_per_rank)
     dataset = DATASETS.get(s.data.kind)(s.seed, **s.data.params)
     model = load_causal_lm(s.model.params["path"])
@@ -66,12 +72,12 @@ def hf_trainer(s: Scenario, out: Path) -> None:
         output_dir=str(out / "trainer"), use_cpu=True, ddp_backend="gloo", report_to="none", save_strategy="no",
         logging_strategy="no", disable_tqdm=True, seed=s.seed, max_steps=s.steps,
         per_device_train_batch_size=s.batch_size, gradient_accumulation_steps=s.grad_accum,
-        train_sampling_strategy="sequential", dataloader_drop_last=True, dataloader_num_workers=0,
+        dataloader_drop_last=True, dataloader_num_workers=0,
         learning_rate=s.optim.params["lr"], lr_scheduler_type="constant", max_grad_norm=0.0,
         average_tokens_across_devices=False)
     optimizer = torch.optim.SGD(model.parameters(), lr=s.optim.params["lr"])
-    trainer = Trainer(model=model, args=args, train_dataset=torch.utils.data.Subset(dataset, runner_order(dataset.size, s)),
-                      optimizers=(optimizer, None))
+    trainer = SequentialTrainer(model=model, args=args, optimizers=(optimizer, None),
+                                train_dataset=torch.utils.data.Subset(dataset, runner_order(dataset.size, s)))
     callback = testbed.TestbedCallback(trainer, out_dir=out, weight_check_every=1)
     trainer.add_callback(callback)
     trainer.train()

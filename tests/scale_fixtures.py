@@ -26,23 +26,53 @@ TORCHRUN_TIMEOUT_S = 300
 
 # The built-in run that the Trainer callback is compared against: tiny Llama + generated alpaca.
 HF_STEPS, HF_BATCH, HF_MAX_LEN, HF_SEED = 3, 4, 64, 0
-# The run that the torchrun launch and the plain-DDP monitor loop are compared against: the
-# control scenario, shortened, without dropout (a plain loop need not replay the runner's RNG).
-MLP_SCENARIO = REPO / "scenarios" / "control.toml"
-MLP_OVERRIDES = {"steps": 3, "model.dropout": 0.0, "metrics.weight_check_every": 1}
-MLP_ARGS = ["--steps", "3", "--set", "model.dropout=0.0", "--set", "metrics.weight_check_every=1"]
+# The run that the torchrun launch and the plain-DDP monitor loop are compared against (no dropout:
+# a user's plain loop need not replay the runner's per-step RNG seeds).
+MLP_TOML = """
+name = "mlp-2rank"
+description = "scale-path tests: a small synced MLP job"
+world_size = 2
+steps = 3
+seed = 0
+timeout_s = 240.0
+stall_timeout_s = 60.0
+
+[model]
+kind = "mlp"
+hidden = 32
+depth = 2
+dropout = 0.0
+
+[data]
+kind = "synthetic"
+batch_size = 16
+size = 1024
+features = 16
+classes = 4
+
+[optim]
+kind = "sgd"
+lr = 0.1
+momentum = 0.9
+
+[metrics]
+weight_check_every = 1
+"""
 
 
-def mlp_scenario() -> Scenario:
-    return load_scenario(MLP_SCENARIO, MLP_OVERRIDES)
+def write_mlp_scenario(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "mlp.toml"
+    path.write_text(MLP_TOML)
+    return path
 
 
-def _shared(tmp_path_factory: pytest.TempPathFactory, worker_id: str, name: str, make: Callable[[Path], Any]) -> Any:
+def _shared(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], Any]) -> Any:
     """``make(dir)`` once per session across xdist workers; returns its JSON-able result."""
     from filelock import FileLock
 
     base = tmp_path_factory.getbasetemp()
-    root = base.parent if worker_id != "master" else base
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
     target, done = root / name, root / f"{name}.json"
     with FileLock(str(root / f"{name}.lock")):
         if not done.exists():
@@ -51,7 +81,7 @@ def _shared(tmp_path_factory: pytest.TempPathFactory, worker_id: str, name: str,
 
 
 @pytest.fixture(scope="session")
-def tiny_hf(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> dict[str, Path]:
+def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny Llama checkpoint + tokenizer + alpaca.json, and the same weights in openPangu layout."""
     def make(root: Path) -> dict[str, str]:
         from testbed.tiny_checkpoint import make_tiny_checkpoint
@@ -60,7 +90,7 @@ def tiny_hf(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> dict[st
         pangu = make_tiny_checkpoint(root / "pangu", pangu=True)
         return {"llama": str(llama), "pangu": str(pangu), "alpaca": str(llama / "alpaca.json")}
 
-    return {k: Path(v) for k, v in _shared(tmp_path_factory, worker_id, "tiny_hf", make).items()}
+    return {k: Path(v) for k, v in _shared(tmp_path_factory, "tiny_hf", make).items()}
 
 
 def hf_raw(tiny_hf: dict[str, Path], **changes: Any) -> dict[str, Any]:
@@ -80,21 +110,25 @@ def _runner_record(scenario: Scenario, out: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
-def hf_runner_record(tmp_path_factory: pytest.TempPathFactory, worker_id: str, tiny_hf: dict[str, Path]) -> dict[str, Any]:
+def hf_runner_record(tmp_path_factory: pytest.TempPathFactory, tiny_hf: dict[str, Path]) -> dict[str, Any]:
     """The built-in runner's record of the hf + alpaca scenario (2 gloo ranks)."""
-    return _shared(tmp_path_factory, worker_id, "hf_run", lambda out: _runner_record(parse_scenario(hf_raw(tiny_hf)), out))
+    return _shared(tmp_path_factory, "hf_run", lambda out: _runner_record(parse_scenario(hf_raw(tiny_hf)), out))
 
 
 @pytest.fixture(scope="session")
-def mlp_runner_record(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> dict[str, Any]:
-    """The built-in (spawn) runner's record of the shortened control scenario."""
-    return _shared(tmp_path_factory, worker_id, "mlp_run", lambda out: _runner_record(mlp_scenario(), out))
+def mlp_runner_record(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The built-in (spawn) runner's record of MLP_TOML, and the scenario file it ran."""
+    def make(out: Path) -> dict[str, Any]:
+        path = write_mlp_scenario(out.with_name("mlp_scenario"))
+        return {**_runner_record(load_scenario(path), out), "scenario_file": str(path)}
+
+    return _shared(tmp_path_factory, "mlp_run", make)
 
 
 def torchrun(args: list[str], tmp_path: Path, nproc: int = 2, timeout: float = TORCHRUN_TIMEOUT_S) -> tuple[int, str]:
     """``python -m torch.distributed.run --standalone`` (free rendezvous port), bounded; (exit code, output)."""
     env = {**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+           "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
     return run_bounded(cmd, env, timeout)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -178,9 +177,11 @@ def test_nan_gradient_continue_is_recorded_and_the_run_goes_on(tmp_path: Path, c
     (tmp_path / "ranks").mkdir()
     (tmp_path / "ranks" / "rank0.json").write_text(json.dumps({"rank": 0, "step": 9, "error": "stale"}))
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 99}) + "\n")
-    code, _, _ = run_cli([str(FAULTS_DIR / "nan_grad.toml"), "--out", str(tmp_path)], capsys)
+    code, err, _ = run_cli([str(FAULTS_DIR / "nan_grad.toml"), "--out", str(tmp_path)], capsys)
     run = run_json(tmp_path)
     assert code == cli.EXIT_OK and run["status"] == "ok", (run["reason"], run["traceback"])
+    assert run["nonfinite"]["first"] == {"step": 2, "event": "nonfinite_grad", "rank": 1}  # ok, yet not clean
+    assert "WARNING: 13 non-finite event(s); the first: nonfinite_grad on rank 1 at step 2" in err
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == list(range(6))
     events = read_jsonl(tmp_path / "events.jsonl")
@@ -257,3 +258,69 @@ def test_fault_kinds_validate_their_parameters() -> None:
                 {"kind": "nonfinite", "target": "weights"}, {"kind": "hang", "seconds": 3}):
         with pytest.raises(ScenarioError):
             parse_scenario(tiny(perturbations=[bad]), source="<test>")
+
+
+# ---- the launcher's decisions, on fake ranks (no processes) --------------------------------------
+
+
+class FakeRank:
+    def __init__(self, exitcode: int | None = None):
+        self.exitcode, self.pid = exitcode, None
+
+    def is_alive(self) -> bool:
+        return self.exitcode is None
+
+
+def _report(out: Path, rank: int, step: int, error: str, **extra: Any) -> None:
+    (out / "ranks").mkdir(exist_ok=True)
+    (out / "ranks" / f"rank{rank}.json").write_text(json.dumps(
+        {"rank": rank, "step": step, "phase": 0, "error": error, "traceback": f"tb of rank {rank}", **extra}))
+
+
+GLOO_PEER_GONE = "RuntimeError: [pair.cc:553] Connection closed by peer [127.0.0.1]:7374"
+
+
+@pytest.mark.parametrize(("codes", "order", "reports", "progress", "expected"), [
+    # a rank's own error beats the peer that only saw the connection drop, even if the peer exited first
+    ([1, 1], [0, 1], {0: GLOO_PEER_GONE, 1: "ValueError: boom"}, [14, 12], (1, "rank 1 failed at step 3: ValueError")),
+    # a silent death (no report: os._exit / signal) beats the peer's "connection closed"
+    ([1, -9], [0, 1], {0: GLOO_PEER_GONE}, [14, 12], (1, "rank 1 died without a report at step 3 (signal SIGKILL)")),
+    # sys.exit(0) mid-run is named, not the peer that failed because of it
+    ([1, 0], [1, 0], {0: GLOO_PEER_GONE}, [14, 12], (1, "rank 1 exited before finishing at step 3 (exit code 0)")),
+    # a rank that finished everything and then crashed in teardown is not the root cause
+    ([-6, 1], [0, 1], {1: "ValueError: late"}, [24, 20], (1, "rank 1 failed at step 5: ValueError")),
+])
+def test_root_cause_selection(tmp_path: Path, codes: list[int], order: list[int], reports: dict[int, str],
+                              progress: list[int], expected: tuple[int, str]) -> None:
+    for rank, error in reports.items():
+        _report(tmp_path, rank, progress[rank] // 4, error)
+    result = runner._failure_result(tmp_path, [FakeRank(c) for c in codes], order, progress, finished=24)
+    assert result.status == "failed" and result.failed_rank == expected[0]
+    assert result.reason.startswith(expected[1]), result.reason
+
+
+def test_nonfinite_stop_blames_the_flagged_rank(tmp_path: Path) -> None:
+    for rank in (0, 1):
+        _report(tmp_path, rank, 2, "NonFiniteStop: non-finite values at step 2: nonfinite_loss on rank 1",
+                nonfinite_ranks=[1])
+    result = runner._failure_result(tmp_path, [FakeRank(1), FakeRank(1)], [0, 1], [10, 10], finished=24)
+    assert (result.failed_rank, result.failed_step) == (1, 2)
+    assert result.reason == "non-finite values at step 2: nonfinite_loss on rank 1" and result.traceback is None
+
+
+def test_teardown_trouble_after_the_last_step_keeps_the_run_ok(tmp_path: Path) -> None:
+    result = runner._finished_result(tmp_path, [FakeRank(0), FakeRank(-6)])
+    assert result.ok and result.reason == "all steps finished; then during teardown rank 1 died of signal SIGABRT"
+    assert runner._finished_result(tmp_path, [FakeRank(0), FakeRank(0)]).reason == ""
+
+
+@pytest.mark.parametrize(("progress", "limit", "where"), [([-1, -1], 0.6, "start-up (before step 0)"),
+                                                          ([13, 12], 0.2, "rank 1 stuck at step 3")])
+def test_stall_limit_is_longer_during_start_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               progress: list[int], limit: float, where: str) -> None:
+    monkeypatch.setattr(runner, "STARTUP_S", 0.6)
+    scenario = load_scenario(FAULTS_DIR / "hang.toml", {"stall_timeout_s": 0.2})
+    started = time.monotonic()
+    result = runner._watch(scenario, [FakeRank(), FakeRank()], list(progress), tmp_path, started)
+    assert time.monotonic() - started >= limit
+    assert result.status == "failed" and f"no progress for {limit:g} s" in result.reason and where in result.reason

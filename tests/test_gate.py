@@ -15,10 +15,23 @@ from testbed.expect import RunData
 from tests.scenario_files import EXACT, write_scenario
 
 
+#: attributes and children the strict JUnit schema (xunit2 / Jenkins junit.xsd) allows
+JUNIT_ATTRS = {"testsuites": {"name", "tests", "failures", "errors", "time", "disabled"},
+               "testsuite": {"name", "tests", "failures", "errors", "skipped", "time", "timestamp", "hostname", "id",
+                             "package", "disabled"},
+               "testcase": {"name", "classname", "time", "assertions", "status"},
+               "failure": {"message", "type"}, "system-out": set()}
+JUNIT_CHILDREN = {"testsuites": {"testsuite"}, "testsuite": {"testcase", "properties", "system-out", "system-err"},
+                  "testcase": {"failure", "error", "skipped", "system-out", "system-err"}}
+
+
 def junit_cases(path: Path) -> dict[str, ET.Element]:
     """Parse the JUnit file and check its structure; testcase name → element."""
     root = ET.parse(path).getroot()
     assert root.tag == "testsuites"
+    for element in root.iter():
+        assert set(element.attrib) <= JUNIT_ATTRS[element.tag], element.tag
+        assert {child.tag for child in element} <= JUNIT_CHILDREN.get(element.tag, set()), element.tag
     (suite,) = root.findall("testsuite")
     cases = suite.findall("testcase")
     assert int(suite.get("tests")) == len(cases) == int(root.get("tests"))
@@ -76,6 +89,24 @@ def test_clean_passes_then_injected_seed_bug_fails(tmp_path: Path, capsys: pytes
     text = md.read_text()
     assert "testbed gate: FAILED" in text and "| `exact` | `expect.max_loss_cv` |" in text
     assert json.loads(base.read_text())["scenarios"] == recorded["scenarios"]  # no update without the flag
+
+
+@pytest.mark.timeout(300)
+def test_sweep_scenario_checks_dispersion_across_levels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A two-level seed-desync ladder on the exact-zero control: dispersion must rise with the level."""
+    ladder = copy.deepcopy(EXACT)
+    ladder["perturbations"].append({"kind": "seed_desync", "ranks": []})
+    ladder["steps"] = 4
+    ladder["sweep"] = {"parameter": "perturbations.1.ranks", "values": [[], [1]]}
+    ladder["expect"] = {"dispersion_increases": ["loss_cv", "cos_mean"], "weights_in_sync": True}
+    path = write_scenario(tmp_path, "ladder.toml", name="ladder", **ladder)
+    base = tmp_path / "b.json"
+    assert main(["gate", str(path), "--baseline", str(base), "--update-baseline", "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "ladder" in out and "gate: 1 passed, 0 failed" in out
+    values = json.loads(base.read_text())["scenarios"]["ladder"]["values"]
+    assert values["none/loss_cv.mean"] == 0.0 and values["1/loss_cv.mean"] > 0.0
+    assert (tmp_path / "r" / "ladder" / "sweep.json").is_file()
 
 
 def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -78,8 +78,9 @@ def test_json_and_jsonl_read_the_same_and_bad_records_are_named(tmp_path):
         read_records(tmp_path / "missing.json")
 
 
-def test_datasets_loader_reads_the_same_records(tmp_path):
-    pytest.importorskip("datasets")
+def test_datasets_loader_reads_the_same_records(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")  # its Arrow cache lands in tmp
     path = write_alpaca(tmp_path / "a.jsonl", [WITH_INPUT, NO_INPUT], jsonl=True)
     assert read_records(path, "datasets") == read_records(path, "json")
 
@@ -135,6 +136,13 @@ def test_tokenizer_larger_than_the_embedding_is_refused(tiny_hf, tmp_path):
     ds.info["vocab_size"] = 10**6
     with pytest.raises(ValueError, match="point \\[data\\] tokenizer at this model's own tokenizer"):
         hf(ds, path=str(tiny_hf["llama"]))
+
+
+def test_hf_needs_token_batches(tiny_hf):
+    from testbed.data import synthetic_classification
+
+    with pytest.raises(ValueError, match="needs batches with input_ids, attention_mask and labels"):
+        hf(synthetic_classification(0, size=8), path=str(tiny_hf["llama"]))
 
 
 def test_memory_estimate_counts_the_checkpoint(tiny_hf):

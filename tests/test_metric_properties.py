@@ -36,12 +36,14 @@ def allreduce_mean(grads: np.ndarray) -> torch.Tensor:
 
 def accumulate(case: GradCase, buckets: list[slice], with_gram: bool = False) -> list[metrics.BucketAccumulator]:
     """One accumulator per rank, fed bucket by bucket (each rank's Gram is the same; rank 0's)."""
+    # Each rank's gradient in its own allocation, like a rank's bucket: a SIMD dot's rounding depends
+    # on memory alignment, so two ranks reading rows of one array could round identical data apart.
+    local = [torch.from_numpy(g).clone() for g in case.grads]
     t, mean = torch.from_numpy(case.grads), allreduce_mean(case.grads)
     accs = [metrics.BucketAccumulator(case.world_size, with_gram=with_gram) for _ in range(case.world_size)]
     for sl in buckets:
         for r, acc in enumerate(accs):
-            acc.add_local(t[r, sl])
-            acc.add_dot(t[r, sl], mean[sl])
+            acc.add_pairs([local[r][sl]], [mean[sl]])  # what the hook calls once the mean is back
         if with_gram:
             accs[0].add_gram(t[:, sl])
     return accs
@@ -196,17 +198,17 @@ def test_permuting_ranks_permutes_lists_and_keeps_aggregates(case: GradCase, dat
 
 @given(case=identical_gradient_cases(), loss=st.floats(-1e4, 1e4, allow_subnormal=False))
 def test_identical_ranks_give_zero_dispersion_and_cosine_one(case: GradCase, loss: float) -> None:
-    """Spread is exactly 0. The cosine is 1 to ~1 ulp when the all-reduced mean reproduces g bit for bit
-    (N a power of two), else within the rounding of (N·g)/N and of the dot product (≤ 2·D·eps)."""
+    """Spread is exactly 0. The cosine is 1 within the rounding of the float dot products (≤ 2·D·eps):
+    even with ḡ == g bit for bit, ``g·g`` and ``g·ḡ`` may be summed in different orders (SIMD paths
+    depend on memory alignment), so "exactly 1" would be a false promise."""
     n = case.world_size
     row = hook_row(case, [loss] * n, [slice(0, case.dim)])
     assert row["loss_std"] == 0.0 and row["grad_norm_std"] == 0.0  # exactly, not "small"
     assert row["loss_cv"] == 0.0 and row["grad_norm_cv"] == 0.0 and row["flags"] == []
-    mean_is_local = bool((allreduce_mean(case.grads).numpy() == case.grads[0]).all())
-    tol = 1e-12 if mean_is_local else 2 * case.dim * float(np.finfo(case.dtype).eps) + 1e-12
+    tol = 2 * case.dim * float(np.finfo(case.dtype).eps) + 1e-12
     assert all(abs(c - 1.0) <= tol for c in row["cos_to_mean"])
     pair = metrics.pairwise_cosine(accumulate(case, [slice(0, case.dim)], with_gram=True)[0].gram.numpy())
-    assert all(abs(c - 1.0) <= 1e-12 for r in pair for c in r)  # same dot on both sides: exact
+    assert all(abs(c - 1.0) <= tol for r in pair for c in r)
     terms = metrics.noise_scale_terms([row["grad_norm"][0] ** 2] * n, row["mean_grad_norm"] ** 2, 8)
     if n == 1:
         assert terms is None
@@ -221,15 +223,23 @@ def test_identical_ranks_give_zero_dispersion_and_cosine_one(case: GradCase, los
 
 @given(case=gradient_cases(), data=st.data())
 def test_any_bucket_partition_equals_the_whole_vector(case: GradCase, data: st.DataObject) -> None:
+    """Bucket sums (``add_pairs``, the hook's call), per-parameter pieces (the hook's no-copy path:
+    each ``param.grad`` against its view into the mean) and the one-shot ``add_local``/``add_dot``
+    all land within float rounding of the exact whole-vector values."""
     buckets = data.draw(partitions(case.dim))
     parts = accumulate(case, buckets, with_gram=True)
-    whole = accumulate(case, [slice(0, case.dim)], with_gram=True)
     mean = allreduce_mean(case.grads).numpy()
+    mean_params = GradCase(mean[None, :], case.shapes).params(0)
     for r in range(case.world_size):
         g = case.grads[r]
+        per_param, whole = metrics.BucketAccumulator(), metrics.BucketAccumulator()
+        per_param.add_pairs([torch.from_numpy(p.copy()) for p in case.params(r)],
+                            [torch.from_numpy(m.copy()) for m in mean_params])
+        whole.add_local(torch.from_numpy(g.copy()))
+        whole.add_dot(torch.from_numpy(g.copy()), torch.from_numpy(mean))
         exact_sq = math.fsum(float(x) * float(x) for x in g)
         exact_dot = math.fsum(float(x) * float(y) for x, y in zip(g, mean))
-        for acc in (parts[r], whole[r]):
+        for acc in (parts[r], per_param, whole):
             assert abs(acc.sq_norm.item() - exact_sq) <= dot_tolerance(g, g)
             assert abs(acc.dot_with_mean.item() - exact_dot) <= dot_tolerance(g, mean)
     exact_gram = case.grads.astype(np.float64) @ case.grads.astype(np.float64).T

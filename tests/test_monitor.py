@@ -12,9 +12,9 @@ import torch.distributed as dist
 
 import testbed
 from testbed.record import read_metrics
-from testbed.spec import parse_scenario
+from testbed.spec import load_scenario, parse_scenario
 from tests.scale_fixtures import (HF_STEPS, assert_rows_close, hf_raw, hf_runner_record, mlp_runner_record,  # noqa: F401
-                                  mlp_scenario, tiny_hf, torchrun)
+                                  tiny_hf, torchrun)
 
 SCRIPT = str(Path(__file__).with_name("monitor_scripts.py"))
 METRICS = ("loss", "global_loss", "loss_std", "grad_norm", "grad_norm_std", "mean_grad_norm", "cos_to_mean",
@@ -33,7 +33,7 @@ def _launch(mode: str, scenario_dict: dict, tmp_path: Path) -> list[dict]:
 @pytest.mark.timeout(400)
 def test_plain_ddp_loop_records_the_runners_metrics(mlp_runner_record, tmp_path):
     assert mlp_runner_record["ok"], mlp_runner_record["reason"]
-    rows = _launch("ddp", mlp_scenario().to_dict(), tmp_path)
+    rows = _launch("ddp", load_scenario(mlp_runner_record["scenario_file"]).to_dict(), tmp_path)
     # Same weights, batches and arithmetic as the runner: equal to the last bit in practice.
     assert_rows_close(rows, mlp_runner_record["rows"], METRICS, rtol=1e-12)
     assert [r["weight_checksum"] for r in rows] == [r["weight_checksum"] for r in mlp_runner_record["rows"]]

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from testbed.data import ShardedSampler, synthetic_classification
-from testbed.perturbations import StepPlan, derive_seed
+from testbed.perturbations import StepPlan
 from testbed.record import read_jsonl
 from testbed.registry_tables import PERTURBATIONS
 from testbed.spec import parse_scenario

@@ -30,10 +30,22 @@ from testbed.spec import _TOP_KEYS, Scenario, ScenarioError, load_scenario, pars
 from tests.helpers import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
-VALID_DOCS: list[dict[str, Any]] = [copy.deepcopy(TINY)] + [
-    tomllib.loads(p.read_text(encoding="utf-8"))
-    for p in [DEFAULT_SCENARIO, *sorted((ROOT / "scenarios").rglob("*.toml"))]
-]
+
+
+def _valid_docs() -> list[dict[str, Any]]:
+    """Seeds for mutation: every scenario in the repository that validates (plus TINY)."""
+    docs = [copy.deepcopy(TINY)]
+    for path in [DEFAULT_SCENARIO, *sorted((ROOT / "scenarios").rglob("*.toml"))]:
+        try:
+            doc = tomllib.loads(path.read_text(encoding="utf-8"))
+            parse_scenario(doc, source=str(path))
+        except (tomllib.TOMLDecodeError, ScenarioError):
+            continue
+        docs.append(doc)
+    return docs
+
+
+VALID_DOCS = _valid_docs()
 SOURCE = "fuzzed.toml"
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

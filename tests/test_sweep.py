@@ -171,8 +171,9 @@ def test_resume_after_interrupt_and_failure(tmp_path: Path, monkeypatch: pytest.
     assert [(lv["index"], lv["label"], lv["value"], lv["run_dir"]) for lv in record["levels"]] == [
         (0, "a", [], "level-00-a"), (1, "b", [1], "level-01-b"), (2, "c", [0, 1], "level-02-c")]
 
-    fake = FakeLauncher()  # a changed scenario invalidates the recorded levels
+    fake = FakeLauncher()  # a new description cannot change the numbers; new steps can
     monkeypatch.setattr(runner, "launch", fake)
+    assert main(argv + ["--set", "description=reworded"]) == 0 and fake.launched == []
     assert main(argv + ["--steps", "2"]) == 0 and fake.launched == ["a", "b", "c"]
     assert main(argv + ["--levels", "1"]) == 0 and fake.launched == ["a", "b", "c", "b"]
 

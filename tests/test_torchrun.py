@@ -12,7 +12,7 @@ import pytest
 from testbed import cli, torchrun as entry
 from testbed.record import read_metrics
 from tests.helpers import run_json
-from tests.scale_fixtures import MLP_ARGS, MLP_SCENARIO, REPO, mlp_runner_record, run_bounded, torchrun  # noqa: F401
+from tests.scale_fixtures import MLP_TOML, mlp_runner_record, run_bounded, torchrun, write_mlp_scenario  # noqa: F401
 
 METRICS = ("loss", "grad_norm", "cos_to_mean", "noise_scale", "weight_checksum")
 
@@ -20,7 +20,7 @@ METRICS = ("loss", "grad_norm", "cos_to_mean", "noise_scale", "weight_checksum")
 @pytest.mark.timeout(400)
 def test_torchrun_launch_writes_the_record_and_matches_spawn(mlp_runner_record, tmp_path):
     out = tmp_path / "run"
-    code, log = torchrun(["-m", "testbed.worker", str(MLP_SCENARIO), "--out", str(out), *MLP_ARGS], tmp_path)
+    code, log = torchrun(["-m", "testbed.worker", mlp_runner_record["scenario_file"], "--out", str(out)], tmp_path)
     assert code == 0, log[-4000:]
     record = run_json(out)
     assert record["status"] == "ok" and record["launcher"] == "torchrun" and record["wall_time_s"] > 0
@@ -34,9 +34,9 @@ def test_torchrun_launch_writes_the_record_and_matches_spawn(mlp_runner_record, 
 @pytest.mark.timeout(400)
 def test_cli_torchrun_launcher_names_the_failing_rank(tmp_path):
     scenario = tmp_path / "crash.toml"
-    scenario.write_text(MLP_SCENARIO.read_text() + '\n[[perturbations]]\nkind = "crash"\nranks = [1]\nstart_step = 2\n')
+    scenario.write_text(MLP_TOML + '\n[[perturbations]]\nkind = "crash"\nranks = [1]\nstart_step = 2\n')
     out = tmp_path / "run"
-    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
     code, log = run_bounded([sys.executable, "-m", "testbed", "run", str(scenario), "--launcher", "torchrun",
                              "--out", str(out), "--steps", "4"], env, timeout=300)
     assert code == 1, log[-4000:]
@@ -47,11 +47,11 @@ def test_cli_torchrun_launcher_names_the_failing_rank(tmp_path):
     assert "FAILED: rank 1 failed at step 2" in log
 
 
-def test_entry_point_outside_torchrun_says_so(monkeypatch):
+def test_entry_point_outside_torchrun_says_so(monkeypatch, tmp_path):
     for var in entry.LAYOUT_VARS:
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(RuntimeError, match="start this entry point with torchrun"):
-        entry.main.__wrapped__([str(MLP_SCENARIO), "--out", "unused"])
+        entry.main.__wrapped__([str(write_mlp_scenario(tmp_path)), "--out", str(tmp_path / "out")])
 
 
 def test_entry_point_refuses_a_world_size_mismatch(monkeypatch, tmp_path):
@@ -59,12 +59,13 @@ def test_entry_point_refuses_a_world_size_mismatch(monkeypatch, tmp_path):
                        "MASTER_PORT": "1"}.items():
         monkeypatch.setenv(var, value)
     with pytest.raises(RuntimeError, match="world_size = 2 but torchrun started 3 processes; pass --world-size 3"):
-        entry.main.__wrapped__([str(MLP_SCENARIO), "--out", str(tmp_path)])
-    assert not any(tmp_path.iterdir())  # nothing written before the check
+        entry.main.__wrapped__([str(write_mlp_scenario(tmp_path)), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()  # nothing written before the check
 
 
-def test_dry_run_prints_a_multi_node_plan(capsys):
-    code = cli.main(["run", str(MLP_SCENARIO), "--launcher", "torchrun", "--dry-run", "--world-size", "4",
+def test_dry_run_prints_a_multi_node_plan(capsys, tmp_path):
+    scenario = write_mlp_scenario(tmp_path)
+    code = cli.main(["run", str(scenario), "--launcher", "torchrun", "--dry-run", "--world-size", "4",
                      "--nnodes", "2", "--master-addr", "10.0.0.1", "--master-port", "29555", "--out", "/shared/run"])
     text = capsys.readouterr().out
     assert code == 0, text
@@ -72,10 +73,10 @@ def test_dry_run_prints_a_multi_node_plan(capsys):
     assert "rank 3   node 1  LOCAL_RANK 1  cpu" in text and "backend    gloo" in text
     for node in (0, 1):
         assert (f"torchrun --nnodes 2 --node-rank {node} --master-addr 10.0.0.1 --master-port 29555 "
-                f"--nproc-per-node 2 -m testbed.worker {MLP_SCENARIO} --out /shared/run --world-size 4") in text
+                f"--nproc-per-node 2 -m testbed.worker {scenario} --out /shared/run --world-size 4") in text
     assert not Path("/shared/run").exists()
 
 
-def test_dry_run_rejects_an_uneven_node_split(capsys):
-    code = cli.main(["run", str(MLP_SCENARIO), "--launcher", "torchrun", "--dry-run", "--nnodes", "3"])
+def test_dry_run_rejects_an_uneven_node_split(capsys, tmp_path):
+    code = cli.main(["run", str(write_mlp_scenario(tmp_path)), "--launcher", "torchrun", "--dry-run", "--nnodes", "3"])
     assert code == 2 and "not divisible by --nnodes 3" in capsys.readouterr().err

@@ -75,6 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="write raw records and the summary here")
     p.add_argument("--doc", type=Path, help="update this markdown file (full run default: docs/performance.md)")
     p.add_argument("--plot", type=Path, help="plot path (full run default: docs/performance_overhead.png)")
+    p.add_argument("--no-doc", action="store_true", help="print only: leave the doc and the plot alone")
+    p.add_argument("--from-json", type=Path, help="re-render table/plot/doc from a --json file of an earlier run")
     args = p.parse_args(argv)
     preset = QUICK if args.quick else FULL
     for name in ("sizes", "ranks", "batches", "rounds", "block_s"):
@@ -85,7 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.memory_batches = None if custom_sizes else preset["memory_batches"]
     if "plain" not in args.variants:
         p.error("--variants must include plain (every ratio is against it)")
-    if not args.quick:
+    if not (args.quick or args.no_doc):
         args.doc = args.doc or ROOT / "docs" / "performance.md"
         args.plot = args.plot or ROOT / "docs" / "performance_overhead.png"
     return args
@@ -93,21 +95,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = shlex.join(["python", "benchmarks/overhead.py", *(sys.argv[1:] if argv is None else argv)])
-    info: dict[str, Any] = {"machine": report.machine(), "loadavg_start": list(os.getloadavg()),
-                            "date": time.strftime("%Y-%m-%d %H:%M %Z")}
-    print(f"[bench] {info['machine']['nproc']} CPUs ({info['machine']['cpu']}), torch {info['machine']['torch']}, "
-          f"load average {', '.join(f'{x:.2f}' for x in info['loadavg_start'])}", flush=True)
-    started = time.monotonic()
-    records = run(args)
-    info.update(wall_s=time.monotonic() - started, loadavg_end=list(os.getloadavg()))
+    if args.from_json:  # same records, same command and machine info as when they were measured
+        saved = json.loads(args.from_json.read_text())
+        command, info, records = saved["command"], saved["info"], saved["records"]
+    else:
+        command = shlex.join(["python", "benchmarks/overhead.py", *(sys.argv[1:] if argv is None else argv)])
+        info = {"machine": report.machine(), "loadavg_start": list(os.getloadavg()),
+                "date": time.strftime("%Y-%m-%d %H:%M %Z")}
+        print(f"[bench] {info['machine']['nproc']} CPUs ({info['machine']['cpu']}), torch {info['machine']['torch']}, "
+              f"load average {', '.join(f'{x:.2f}' for x in info['loadavg_start'])}", flush=True)
+        started = time.monotonic()
+        records = run(args)
+        info.update(wall_s=time.monotonic() - started, loadavg_end=list(os.getloadavg()))
     rows = report.summarize(records)
     print(report.format_table(rows))
     for line in report.check_targets(rows):
         print("  " + line)
     print(f"[bench] load average at end: {', '.join(f'{x:.2f}' for x in info['loadavg_end'])}; "
           f"wall {info['wall_s']:.0f} s")
-    if args.json:
+    if args.json and not args.from_json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"command": command, "info": info, "records": records, "rows": rows}, indent=1))
     if args.plot:
@@ -118,7 +124,6 @@ def main(argv: list[str] | None = None) -> int:
         report.update_doc(args.doc, report.results_section(rows, command, info))
         print(f"[bench] wrote {args.doc}" + (f" and {args.plot}" if args.plot else ""))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -152,35 +152,37 @@ def machine() -> dict[str, Any]:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Overhead ratio vs parameter count: one panel per world size, one line per variant × batch."""
+    """Overhead vs parameter count: columns = world sizes, rows = wall-time and CPU-time ratio;
+    one line per variant × samples per rank, IQR bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     worlds = sorted({r["world_size"] for r in rows})
-    fig, axes = plt.subplots(1, len(worlds), figsize=(6 * len(worlds), 4.5), squeeze=False, sharey=True)
-    for ax, w in zip(axes[0], worlds):
-        for v in VARIANTS:
-            if v == "plain":
-                continue
-            for batch, style in zip(sorted({r["batch"] for r in rows}), ("-", "--", ":")):
-                pts = sorted((r["parameters"], r["ratio"], r["ratio_q1"], r["ratio_q3"]) for r in rows
-                             if r["world_size"] == w and r["variant"] == v and r["batch"] == batch and "ratio" in r)
-                if not pts:
-                    continue
-                x, y, lo, hi = map(np.asarray, zip(*pts))
-                ax.errorbar(x, y, yerr=[y - lo, hi - y], linestyle=style, marker="o", capsize=3,
-                            label=f"{LABELS[v]}, {batch}/rank")
-        ax.axhline(1.0, color="grey", linewidth=0.8)
-        ax.set_xscale("log")
+    measures = (("ratio", "wall time / plain DDP"), ("cpu_ratio", "CPU time / plain DDP"))
+    fig, axes = plt.subplots(len(measures), len(worlds), figsize=(6 * len(worlds), 4.2 * len(measures)),
+                             squeeze=False, sharex=True)
+    for row_axes, (key, ylabel) in zip(axes, measures):
+        for ax, w in zip(row_axes, worlds):
+            for v in VARIANTS[1:]:
+                for batch, style in zip(sorted({r["batch"] for r in rows}), ("-", "--", ":")):
+                    pts = sorted((r["parameters"], r[key], r[f"{key}_q1"], r[f"{key}_q3"]) for r in rows
+                                 if r["world_size"] == w and r["variant"] == v and r["batch"] == batch and key in r)
+                    if pts:
+                        x, y, lo, hi = map(np.asarray, zip(*pts))
+                        ax.errorbar(x, y, yerr=[y - lo, hi - y], linestyle=style, marker="o", capsize=3,
+                                    label=f"{LABELS[v]}, {batch}/rank")
+            ax.axhline(1.0, color="grey", linewidth=0.8)
+            ax.set_xscale("log")
+            ax.set_title(f"{w} gloo ranks, 1 thread each")
+            ax.set_ylabel(f"{ylabel} (median, IQR)")
+            ax.grid(True, which="both", alpha=0.3)
+    for ax in axes[-1]:
         ax.set_xlabel("parameters")
-        ax.set_title(f"{w} gloo ranks, 1 thread each")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].set_ylabel("step time / plain DDP (median, IQR bars)")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

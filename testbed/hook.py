@@ -5,10 +5,12 @@ hook function. Per bucket the hook (1) applies the step's gradient perturbations
 local bucket, (2) on pairwise steps all-gathers it chunk by chunk (``GATHER_CHUNK`` elements per
 rank) and accumulates the Gram matrix (peak extra memory: N chunks, not N buckets), (3)
 all-reduces with SUM and divides by N (HCCL lacks AVG/PREMUL_SUM), and (4) once the mean is
-back, accumulates ``‖g_i‖²`` and ``g_i·ḡ`` together, reading each chunk of the local gradient
-once for both (``BucketAccumulator.add_pairs``). Nothing runs between the bucket becoming
-ready and its all-reduce starting, so measuring never delays communication; steps that are not
-measured (``metrics.every`` > 1) pay only the Python hook's pass-through.
+back, accumulates ``‖g_i‖²`` and ``g_i·ḡ`` together, chunk by chunk, the second dot reading the
+local chunk from cache (``BucketAccumulator.add_pairs``). On non-pairwise steps nothing runs
+between the bucket becoming ready and its all-reduce starting. Steps that are not measured
+(``metrics.every`` > 1) pay only the Python hook's pass-through, whose main cost is the separate
+division pass (DDP's built-in path fuses the 1/N into its copy into the bucket); see
+docs/performance.md.
 
 Step (4) needs the local bucket after the all-reduce has overwritten the buffer. With DDP's
 default ``gradient_as_bucket_view=False`` every ``param.grad`` still holds the local gradient

@@ -292,7 +292,9 @@ def test_nonfinite_loss_is_flagged_never_a_number(case: GradCase, bad: float, da
     assert {(r, "nonfinite_loss") for r in ranks} <= flag_set(row)
     assert row["global_loss"] is None and row["loss_std"] is None and row["loss_cv"] is None
     assert [row["loss"][r] for r in ranks] == [None] * len(ranks)
-    assert None not in row["cos_to_mean"]  # the gradient side is still fine
+    clean = hook_row(case, [1.0] * n, [slice(0, case.dim)])
+    for key in ("grad_norm", "cos_to_mean", "grad_norm_std", "cos_mean"):  # the gradient side is untouched
+        assert row[key] == clean[key]
 
 
 @given(case=gradient_cases(), bad=nonfinite(), data=st.data())

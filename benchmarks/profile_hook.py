@@ -8,6 +8,9 @@ whole vector and for the hook's chunked sums, and their single-thread cost (best
 Part 2 (2 gloo ranks): per rank, process CPU time per step of plain DDP and of the metrics step,
 with the two metric components timed where they run: ``BucketAccumulator.add_pairs`` (thread
 time, inside the hook's callback on gloo's thread) and ``worker.gather_metrics`` (main thread).
+Part 3 (2 gloo ranks): the metric step's wall-time overhead taken apart in interleaved rounds:
+plain DDP, hook not measuring (``idle``), hook measuring without the dot products (``nodots``),
+and the full metric step.
 """
 from __future__ import annotations
 
@@ -101,13 +104,42 @@ def _rank(rank: int, world: int, port: int, size: str, batch: int, steps: int, o
     dist.destroy_process_group()
 
 
-def per_rank_profile(size: str, batch: int, steps: int, tmp: Path) -> list[dict[str, Any]]:
+def _decompose_rank(rank: int, world: int, port: int, size: str, batch: int, rounds: int, out: str) -> None:
+    """Interleaved rounds of plain / idle / metrics without the dot products / metrics."""
+    from benchmarks.ranks import _time_config
+    from benchmarks.variants import SIZES, Bench
+
+    class Decomposed(Bench):
+        def step(self, variant: str) -> None:
+            if variant != "nodots":
+                return super().step(variant)
+            real = metrics.BucketAccumulator.add_pairs
+            metrics.BucketAccumulator.add_pairs = lambda self, *a: None  # type: ignore[method-assign]
+            try:
+                super().step("metrics")
+            finally:
+                metrics.BucketAccumulator.add_pairs = real  # type: ignore[method-assign]
+
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, world + 1, is_master=False, timeout=datetime.timedelta(seconds=600))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    plan = {"variants": ["plain", "idle", "nodots", "metrics"], "warmup": 2, "min_steps": 3, "block_s": 0.3,
+            "rounds": rounds}
+    records = _time_config(Decomposed(SIZES[size], batch, rank, world), plan)
+    if rank == 0:
+        Path(out.format(rank=0)).write_text(json.dumps(records))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def per_rank_profile(size: str, batch: int, steps: int, tmp: Path, target: Callable[..., None] = _rank
+                     ) -> list[Any]:
     import multiprocessing as mp
 
     store = dist.TCPStore("127.0.0.1", 0, 3, is_master=True, wait_for_workers=False)
     ctx = mp.get_context("spawn")
     out = str(tmp / "rank{rank}.json")
-    procs = [ctx.Process(target=_rank, args=(r, 2, store.port, size, batch, steps, out)) for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, 2, store.port, size, batch, steps, out)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -117,7 +149,7 @@ def per_rank_profile(size: str, batch: int, steps: int, tmp: Path) -> list[dict[
             p.join()
     if any(p.exitcode != 0 for p in procs):
         raise RuntimeError(f"profile ranks failed: {[p.exitcode for p in procs]}")
-    return [json.loads(Path(out.format(rank=r)).read_text()) for r in range(2)]
+    return [json.loads(Path(out.format(rank=r)).read_text()) for r in range(2) if Path(out.format(rank=r)).exists()]
 
 
 def main() -> int:
@@ -128,6 +160,7 @@ def main() -> int:
     p.add_argument("--size", default="11M")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=10, help="interleaved rounds of the decomposition (part 3)")
     args = p.parse_args()
     from benchmarks.variants import SIZES
 
@@ -137,6 +170,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for r, res in enumerate(per_rank_profile(args.size, args.batch, args.steps, Path(tmp))):
             print(f"rank {r}: " + json.dumps({k: {m: round(x, 2) for m, x in v.items()} for k, v in res.items()}))
+        records = per_rank_profile(args.size, args.batch, args.rounds, Path(tmp), _decompose_rank)[0]
+    by: dict[str, dict[int, float]] = {}
+    for rec in records:
+        by.setdefault(rec["variant"], {})[rec["round"]] = rec["step_s"]
+    for v, times in by.items():
+        ratios = sorted(t / by["plain"][r] for r, t in times.items())
+        print(f"{v:8s} wall × plain DDP, median of {len(ratios)} interleaved rounds: {ratios[len(ratios) // 2]:.3f} "
+              f"(min {ratios[0]:.3f}, max {ratios[-1]:.3f})")
     print(f"load average {os.getloadavg()}")
     return 0
 

@@ -90,7 +90,7 @@ def _wrap(name: str, fn: Callable[..., Any], counter: CollectiveCounter) -> Call
 
 def _references(functions: dict[int, str]) -> list[tuple[Any, str, str]]:
     """Every module-level name bound to one of ``functions`` (by identity), e.g. ``dist.all_reduce``,
-    ``distributed_c10d.all_gather_single`` and aliases such as ``testbed.hook._all_gather_flat``."""
+    ``distributed_c10d.all_gather_single`` and aliases such as ``testbed.engine.hook._all_gather_flat``."""
     found = []
     for module in list(sys.modules.values()):
         namespace = getattr(module, "__dict__", None)

@@ -29,7 +29,8 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from testbed import metrics, worker  # noqa: E402
+from testbed.metrics import step as metrics
+from testbed.engine import worker  # noqa: E402
 
 
 def best_of(fn: Callable[[], Any], repeats: int) -> float:

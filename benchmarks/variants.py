@@ -2,12 +2,12 @@
 
 All variants live in one process group and are stepped in turn, so load drift on a shared
 machine hits them alike. Two DDP models of identical shape and initialisation are built: one with
-no comm hook (DDP's built-in C++ all-reduce) and one with ``testbed.hook.install``. The naive
+no comm hook (DDP's built-in C++ all-reduce) and one with ``testbed.engine.hook.install``. The naive
 variant reuses the first model's inner module outside DDP, as a user without a comm hook would
 have to (the local gradient must exist before any all-reduce replaces it).
 
 - ``plain``    (a): DDP, no hook registered.
-- ``metrics``  (b): testbed hook measuring, plus ``testbed.worker.gather_metrics`` — the exact
+- ``metrics``  (b): testbed hook measuring, plus ``testbed.engine.worker.gather_metrics`` — the exact
   per-step code path of ``testbed run`` (scalar all_gather, step_metrics, noise scale).
 - ``pairwise`` (c): as (b), plus the exact N×N Gram/cosine matrix every step.
 - ``naive``    (d): backward without DDP, all_gather of every rank's full flattened gradient,
@@ -25,13 +25,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import testbed.builtins  # noqa: F401 — registers the mlp model, synthetic data, sgd
-from testbed import worker
-from testbed.data import ShardedSampler
-from testbed.hook import install
-from testbed.metrics import NoiseScaleEMA, mean_offdiagonal, pairwise_cosine, step_metrics
-from testbed.registry_tables import DATASETS, MODELS, OPTIMIZERS
-from testbed.spec import parse_scenario
+from testbed.engine import worker
+from testbed.workloads.data import ShardedSampler
+from testbed.engine.hook import install
+from testbed.metrics.step import NoiseScaleEMA, mean_offdiagonal, pairwise_cosine, step_metrics
+from testbed.scenario.tables import DATASETS, MODELS, OPTIMIZERS
+from testbed.scenario.spec import parse_scenario
 
 VARIANTS: tuple[str, ...] = ("plain", "metrics", "pairwise", "naive", "idle")
 LABELS: dict[str, str] = {

@@ -1,12 +1,12 @@
 """testbed: find silent inconsistency in data-parallel training."""
-from testbed.spec import Scenario, ScenarioError, load_scenario
+from testbed.scenario.spec import Scenario, ScenarioError, load_scenario
 
 __version__ = "0.1.0"
 __all__ = ["Scenario", "ScenarioError", "load_scenario", "__version__", "attach", "Monitor"]  # + TestbedCallback (needs transformers)
 
 # The drop-in monitor, imported on first use: ``import testbed`` stays light (no torch.distributed,
 # no transformers - TestbedCallback needs transformers, the rest does not).
-_LAZY = {"attach": "testbed.monitor", "Monitor": "testbed.monitor", "TestbedCallback": "testbed.trainer_callback"}
+_LAZY = {"attach": "testbed.integrations.monitor", "Monitor": "testbed.integrations.monitor", "TestbedCallback": "testbed.integrations.trainer_callback"}
 
 
 def __getattr__(name: str) -> object:

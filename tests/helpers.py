@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from testbed.record import read_metrics
-from testbed.runner import RunResult, launch
-from testbed.spec import Scenario, parse_scenario
+from testbed.record.files import read_metrics
+from testbed.engine.runner import RunResult, launch
+from testbed.scenario.spec import Scenario, parse_scenario
 
 TINY: dict[str, Any] = {
     "name": "tiny",

@@ -18,11 +18,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import testbed
-from testbed.data import ShardedSampler
-from testbed.perturbations import StepPlan, derive_seed
-from testbed.registry_tables import DATASETS, MODELS, OPTIMIZERS
-from testbed.spec import Scenario
-from testbed.worker import seed_everything
+from testbed.workloads.data import ShardedSampler
+from testbed.perturb.perturbations import StepPlan, derive_seed
+from testbed.scenario.tables import DATASETS, MODELS, OPTIMIZERS
+from testbed.scenario.spec import Scenario
+from testbed.engine.worker import seed_everything
 
 
 def plain_ddp(s: Scenario, out: Path) -> None:
@@ -57,7 +57,7 @@ def runner_order(size: int, s: Scenario) -> list[int]:
 def hf_trainer(s: Scenario, out: Path) -> None:
     from transformers import Trainer, TrainingArguments
 
-    from testbed.hf import load_causal_lm
+    from testbed.workloads.hf import load_causal_lm
 
     class SequentialTrainer(Trainer):
         """Reads the dataset in order (transformers 5 also has ``train_sampling_strategy="sequential"``)."""

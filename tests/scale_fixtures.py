@@ -16,9 +16,9 @@ from typing import Any, Callable
 
 import pytest
 
-from testbed.record import read_metrics
-from testbed.runner import launch
-from testbed.spec import Scenario, load_scenario, parse_scenario
+from testbed.record.files import read_metrics
+from testbed.engine.runner import launch
+from testbed.scenario.spec import Scenario, load_scenario, parse_scenario
 from tests.helpers import tiny
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,7 +84,7 @@ def _shared(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[
 def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny Llama checkpoint + tokenizer + alpaca.json, and the same weights in openPangu layout."""
     def make(root: Path) -> dict[str, str]:
-        from testbed.tiny_checkpoint import make_tiny_checkpoint
+        from testbed.workloads.tiny_checkpoint import make_tiny_checkpoint
 
         llama = make_tiny_checkpoint(root / "llama")
         pangu = make_tiny_checkpoint(root / "pangu", pangu=True)

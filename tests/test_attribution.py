@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from testbed.attribution import DEFAULT_THRESHOLD, attribute, describe
-from testbed.record import read_metrics
-from testbed.runner import launch
-from testbed.spec import load_scenario
-from testbed.summary import diverging_ranks, format_table, summarize
+from testbed.diagnose.attribution import DEFAULT_THRESHOLD, attribute, describe
+from testbed.record.files import read_metrics
+from testbed.engine.runner import launch
+from testbed.scenario.spec import load_scenario
+from testbed.diagnose.summary import diverging_ranks, format_table, summarize
 
 from tests.helpers import run, tiny
 

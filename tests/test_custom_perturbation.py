@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.record import read_metrics
+from testbed.record.files import read_metrics
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "writing-scenarios.md"
 BLOCK = r"<!-- {tag} -->\s*```\w*\n(.*?)```"
@@ -88,7 +88,7 @@ def test_doc_example_package_is_discovered_and_runs(tmp_path: Path) -> None:
 def test_doc_in_repo_decorator_registers_in_real_ranks(tmp_path: Path) -> None:
     """The decorated module from the page, at the top level of a script the ranks re-import."""
     (module_path, code), = doc_blocks("in-repo")
-    assert module_path == "testbed/unnormalized.py" and '@PERTURBATIONS.register("unnormalized_inputs")' in code
+    assert module_path == "testbed/perturb/unnormalized.py" and '@PERTURBATIONS.register("unnormalized_inputs")' in code
     (scenario_name, scenario), = [(n, c) for n, c in doc_blocks("file") if n.endswith(".toml") and "[expect]" in c]
     (tmp_path / scenario_name).write_text(scenario, encoding="utf-8")
     script = tmp_path / "in_repo_demo.py"
@@ -98,9 +98,10 @@ if __name__ == "__main__":
     import json
     from pathlib import Path
 
-    from testbed.expect import RunData, evaluate, expectations_of
-    from testbed.runner import launch
-    from testbed.spec import load_scenario
+    from testbed.scenario.expect import expectations_of
+    from testbed.gate.checks import RunData, evaluate
+    from testbed.engine.runner import launch
+    from testbed.scenario.spec import load_scenario
 
     scenario = load_scenario("unnormalized_inputs.toml")
     launch(scenario, Path("out"))

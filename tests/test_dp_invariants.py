@@ -17,12 +17,12 @@ import torch
 from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
 
-from testbed.data import ShardedSampler
-from testbed.metrics import brute_force
-from testbed.perturbations import derive_seed
-from testbed.registry_tables import DATASETS, MODELS, OPTIMIZERS
-from testbed.spec import Scenario, parse_scenario
-from testbed.worker import make_plan, seed_everything
+from testbed.workloads.data import ShardedSampler
+from testbed.metrics.step import brute_force
+from testbed.perturb.perturbations import derive_seed
+from testbed.scenario.tables import DATASETS, MODELS, OPTIMIZERS
+from testbed.scenario.spec import Scenario, parse_scenario
+from testbed.engine.worker import make_plan, seed_everything
 from tests.helpers import run, tiny
 
 PROCESS_EXAMPLES = int(os.environ.get("TESTBED_PROCESS_EXAMPLES", "2"))

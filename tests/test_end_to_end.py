@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from testbed import cli
-from testbed.record import read_metrics
+from testbed.cli import main as cli
+from testbed.record.files import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED_KEYS = {"step", "loss", "grad_norm", "cos_to_mean", "global_loss", "loss_std", "loss_cv",

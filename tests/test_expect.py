@@ -10,9 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from testbed.expect import RunData, evaluate, expectations_of, parse_expect
-from testbed.expect_sweep import evaluate_sweep
-from testbed.spec import ScenarioError, parse_scenario
+from testbed.scenario.expect import expectations_of, parse_expect
+from testbed.gate.checks import RunData, evaluate
+from testbed.gate.expect_sweep import evaluate_sweep
+from testbed.scenario.spec import ScenarioError, parse_scenario
 from tests.helpers import tiny
 
 

@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
-from testbed import cli, runner
-from testbed.record import read_jsonl, read_metrics
-from testbed.spec import load_scenario
+from testbed.cli import main as cli
+from testbed.engine import runner
+from testbed.record.files import read_jsonl, read_metrics
+from testbed.scenario.spec import load_scenario
 from tests.helpers import run_json, tiny
 
 FAULTS_DIR = Path(__file__).resolve().parents[1] / "scenarios" / "faults"
@@ -252,7 +253,7 @@ def test_ranks_exit_when_the_launcher_is_killed(tmp_path: Path) -> None:
 
 
 def test_fault_kinds_validate_their_parameters() -> None:
-    from testbed.spec import ScenarioError, parse_scenario
+    from testbed.scenario.spec import ScenarioError, parse_scenario
 
     for bad in ({"kind": "exit", "signal": "SIGNOPE"}, {"kind": "nonfinite", "value": "big"},
                 {"kind": "nonfinite", "target": "weights"}, {"kind": "hang", "seconds": 3}):

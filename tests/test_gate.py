@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from testbed import baseline as baselines
+from testbed.gate import baseline as baselines
 from testbed.cli import main
-from testbed.expect import RunData
+from testbed.gate.checks import RunData
 from tests.scenario_files import EXACT, write_scenario
 
 
@@ -133,7 +133,7 @@ def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 def test_nonfinite_and_failed_runs_are_reported_not_crashes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     """A rank that produced NaN and then died: the gate reports rank and step in all three outputs."""
-    import testbed.gate as gate
+    import testbed.gate.gate as gate
 
     nan_row = {"step": 2, "loss": [1.0, None], "loss_cv": None, "cos_mean": None, "weights_in_sync": True,
                "flags": [{"rank": 1, "kind": "nonfinite_loss"}]}

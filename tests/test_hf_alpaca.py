@@ -11,11 +11,11 @@ import torch
 
 pytest.importorskip("transformers")
 
-from testbed.alpaca import (IGNORE_INDEX, PROMPT_NO_INPUT, PROMPT_WITH_INPUT, AlpacaFormatError, alpaca,  # noqa: E402
+from testbed.workloads.alpaca import (IGNORE_INDEX, PROMPT_NO_INPUT, PROMPT_WITH_INPUT, AlpacaFormatError, alpaca,  # noqa: E402
                             load_tokenizer, prompt_for, read_records)
-from testbed.hf import count_parameters, hf, load_causal_lm  # noqa: E402
-from testbed.spec import parse_scenario  # noqa: E402
-from testbed.tiny_checkpoint import write_alpaca  # noqa: E402
+from testbed.workloads.hf import count_parameters, hf, load_causal_lm  # noqa: E402
+from testbed.scenario.spec import parse_scenario  # noqa: E402
+from testbed.workloads.tiny_checkpoint import write_alpaca  # noqa: E402
 from tests.helpers import run_json  # noqa: E402
 from tests.scale_fixtures import HF_STEPS, hf_raw, hf_runner_record, tiny_hf  # noqa: E402,F401
 
@@ -139,14 +139,14 @@ def test_tokenizer_larger_than_the_embedding_is_refused(tiny_hf, tmp_path):
 
 
 def test_hf_needs_token_batches(tiny_hf):
-    from testbed.data import synthetic_classification
+    from testbed.workloads.data import synthetic_classification
 
     with pytest.raises(ValueError, match="needs batches with input_ids, attention_mask and labels"):
         hf(synthetic_classification(0, size=8), path=str(tiny_hf["llama"]))
 
 
 def test_memory_estimate_counts_the_checkpoint(tiny_hf):
-    from testbed.memory import estimate
+    from testbed.engine.memory import estimate
 
     raw = hf_raw(tiny_hf, optim={"kind": "adamw", "lr": 1e-3})
     raw["model"]["dtype"] = "bf16-mixed"

@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from testbed.lm import transformer
-from testbed.registry_tables import DATASETS, MODELS
-from testbed.spec import ScenarioError, parse_scenario
-from testbed.textdata import EOS, PAD, TASKS, VOCAB_SIZE, alpaca_synthetic, decode, encode, generate_records
+from testbed.workloads.lm import transformer
+from testbed.scenario.tables import DATASETS, MODELS
+from testbed.scenario.spec import ScenarioError, parse_scenario
+from testbed.workloads.textdata import EOS, PAD, TASKS, VOCAB_SIZE, alpaca_synthetic, decode, encode, generate_records
 from tests.helpers import tiny
 
 

@@ -1,4 +1,4 @@
-"""Property tests of the pure metric math (``testbed.metrics``), no processes.
+"""Property tests of the pure metric math (``testbed.metrics.step.step``), no processes.
 
 The per-rank scalars are produced exactly as the comm hook produces them: bucket by bucket
 through ``BucketAccumulator``, against a mean summed in the working dtype like an all-reduce.
@@ -17,8 +17,8 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from testbed import metrics
-from testbed.record import dumps
+from testbed.metrics import step as metrics
+from testbed.record.files import dumps
 from tests.strategies import (GradCase, cosine_tolerance, dot_tolerance, gradient_cases,
                               identical_gradient_cases, nonfinite, partitions, rank_losses, world_sizes)
 
@@ -247,7 +247,7 @@ def test_any_bucket_partition_equals_the_whole_vector(case: GradCase, data: st.D
     assert (np.abs(parts[0].gram.numpy() - exact_gram) <= bound + 1e-300).all()
 
 
-# ---- degenerate cases (module docstring of testbed.metrics) -----------------------------------
+# ---- degenerate cases (module docstring of testbed.metrics.step) -----------------------------------
 
 
 @given(case=gradient_cases(world_size=world_sizes(2, 16)), data=st.data())

@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 
 import testbed
-from testbed.record import read_metrics
-from testbed.spec import load_scenario, parse_scenario
+from testbed.record.files import read_metrics
+from testbed.scenario.spec import load_scenario, parse_scenario
 from tests.scale_fixtures import (HF_STEPS, assert_rows_close, hf_raw, hf_runner_record, mlp_runner_record,  # noqa: F401
                                   tiny_hf, torchrun)
 

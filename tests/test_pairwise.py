@@ -17,8 +17,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from testbed import hook, metrics
-from testbed.metrics import brute_force, pairwise_cosine
+from testbed.engine import hook
+from testbed.metrics import step as metrics
+from testbed.metrics.step import brute_force, pairwise_cosine
 
 from tests.helpers import run, tiny
 

@@ -11,13 +11,13 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from testbed.data import ShardedSampler, synthetic_classification
-from testbed.perturbations import StepPlan
-from testbed.record import read_jsonl
-from testbed.registry_tables import PERTURBATIONS
-from testbed.spec import parse_scenario
-from testbed.textdata import alpaca_synthetic
-from testbed.worker import make_plan
+from testbed.workloads.data import ShardedSampler, synthetic_classification
+from testbed.perturb.perturbations import StepPlan
+from testbed.record.files import read_jsonl
+from testbed.scenario.tables import PERTURBATIONS
+from testbed.scenario.spec import parse_scenario
+from testbed.workloads.textdata import alpaca_synthetic
+from testbed.engine.worker import make_plan
 from tests.helpers import run, tiny
 
 NEW_KINDS = ("shard_skew", "label_noise", "dropout_desync", "straggler", "grad_corruption", "lr_mismatch",

@@ -14,7 +14,7 @@ pytest_plugins = ["pytester"]
 
 def test_registered_through_the_pytest11_entry_point() -> None:
     eps = [ep for ep in metadata.entry_points(group="pytest11") if ep.name == "testbed"]
-    assert [ep.value for ep in eps] == ["testbed.pytest_plugin"]
+    assert [ep.value for ep in eps] == ["testbed.integrations.pytest_plugin"]
 
 
 def make_catalog(pytester: pytest.Pytester) -> None:

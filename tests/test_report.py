@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from testbed import figures
+from testbed.report import figures
 from testbed.cli import main
-from testbed.report import SweepData, level_axis
+from testbed.report.html import SweepData, level_axis
 
 from tests.helpers import run, tiny
 

@@ -24,9 +24,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from testbed.cli import DEFAULT_SCENARIO
-from testbed.registry_tables import PERTURBATIONS
-from testbed.spec import _TOP_KEYS, Scenario, ScenarioError, load_scenario, parse_scenario
+from testbed.cli.run import DEFAULT_SCENARIO
+from testbed.scenario.tables import PERTURBATIONS
+from testbed.scenario.spec import _TOP_KEYS, Scenario, ScenarioError, load_scenario, parse_scenario
 from tests.helpers import TINY
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed import cli
-from testbed.spec import ScenarioError, load_scenario
+from testbed.cli import main as cli
+from testbed.scenario.spec import ScenarioError, load_scenario
 
 VALID = """\
 name = "t"

@@ -10,11 +10,12 @@ from typing import Any
 
 import pytest
 
-from testbed import runner, sweep
+from testbed.engine import runner
+from testbed.scenario import sweep
 from testbed.cli import main
-from testbed.record import write_json_atomic
-from testbed.spec import ScenarioError, load_scenario, parse_scenario
-from testbed.worker import make_plan
+from testbed.record.files import write_json_atomic
+from testbed.scenario.spec import ScenarioError, load_scenario, parse_scenario
+from testbed.engine.worker import make_plan
 from tests.helpers import tiny
 
 ROOT = Path(__file__).resolve().parents[1]

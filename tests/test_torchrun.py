@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from testbed import cli, torchrun as entry
-from testbed.record import read_metrics
+from testbed.cli import main as cli
+from testbed.engine import torchrun as entry
+from testbed.record.files import read_metrics
 from tests.helpers import run_json
 from tests.scale_fixtures import MLP_TOML, mlp_runner_record, run_bounded, torchrun, write_mlp_scenario  # noqa: F401
 

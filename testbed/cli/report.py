@@ -1,0 +1,35 @@
+"""``testbed report RUN_DIR|SWEEP_DIR ... [--out DIR]``: figures and one self-contained HTML page."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from testbed.diagnose.attribution import describe as describe_outlier
+from testbed.report.html import format_level_table, write_report
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    paths = [Path(p) for p in args.paths]
+    out = Path(args.out) if args.out else paths[0] / "report"
+    try:
+        record = write_report(paths, out)
+    except FileNotFoundError as e:
+        print(f"testbed report: {e}", file=sys.stderr)
+        return 2
+    for sweep in record["sweeps"]:
+        print(f"sweep {sweep['scenario']} over {sweep['parameter']} (means over recorded steps):")
+        print(format_level_table(sweep["levels"]))
+    for run in record["runs"]:
+        if "outlier" in run["summary"]:
+            print(f"{run['label']}: outlier {describe_outlier(run['summary']['outlier'])}")
+    print(f"report: {out / 'index.html'} ({len(record['figures'])} figures: {', '.join(record['figures'])})")
+    return 0
+
+
+def add_subcommand(subparsers: Any) -> None:
+    parser = subparsers.add_parser("report", help="figures + a self-contained HTML page from run / sweep directories")
+    parser.add_argument("paths", nargs="+", metavar="RUN_OR_SWEEP_DIR")
+    parser.add_argument("--out", help="output directory (default: FIRST_PATH/report)")
+    parser.set_defaults(func=cmd_report)

@@ -1,0 +1,32 @@
+"""``testbed sweep SCENARIO``: every level of a ``[sweep]`` (a desync ladder), resumable."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from testbed.cli.common import EXIT_FAILED, EXIT_OK, add_override_arguments, overrides_of
+from testbed.engine.sweep import results_table, run_sweep
+from testbed.scenario.sweep import SWEEP_FILE, select_levels
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    out_dir, levels, status = run_sweep(args.scenario, Path(args.out) if args.out else None,
+                                        overrides_of(args), args.levels)
+    selected = select_levels(levels, args.levels, str(args.scenario))
+    print(results_table(out_dir, levels, status))
+    ok = all(status[lv.index] == "ok" for lv in selected)
+    print(f"{'ok' if ok else 'FAILED'}: {sum(status[lv.index] == 'ok' for lv in selected)}/{len(selected)} "
+          f"level(s) ok in {time.monotonic() - started:.1f} s; record: {out_dir}/{SWEEP_FILE}")
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def add_subcommand(subparsers: Any) -> None:
+    p = subparsers.add_parser("sweep", help="run a scenario at every level of its [sweep] (a desync ladder)")
+    p.add_argument("scenario", type=Path, help="scenario file with a [sweep] table")
+    p.add_argument("--out", help="sweep directory (default: runs/<name>-sweep-<timestamp>); reuse it to resume")
+    p.add_argument("--levels", nargs="+", metavar="LEVEL", help="run only these levels (indices or labels)")
+    add_override_arguments(p, "override a field of every level")
+    p.set_defaults(func=cmd_sweep)

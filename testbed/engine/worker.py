@@ -1,0 +1,259 @@
+"""One rank's training job: build, wrap in DDP with the consistency hook, step, gather scalars.
+
+Runs the same way under the built-in spawn launcher (``testbed.engine.runner``) and under torchrun
+(``torchrun --nproc-per-node N -m testbed.worker SCENARIO --out DIR``), which passes the rank
+layout through RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import random
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from testbed.engine import device as devices
+from testbed.workloads.data import ShardedSampler
+from testbed.engine.hook import ConsistencyState, install
+from testbed.engine.gather import gather_row, weight_sync
+from testbed.metrics.step import NoiseScaleEMA, brute_force
+from testbed.perturb.perturbations import StepPlan, derive_seed
+from testbed.record.files import EVENTS_FILE, METRICS_FILE, JsonlWriter, write_json_atomic
+from testbed.scenario.tables import DATASETS, MODELS, OPTIMIZERS, PERTURBATIONS
+from testbed.scenario.spec import Scenario
+
+# Phases written to the shared progress array (step * PHASES + phase) so the launcher can tell
+# a rank stuck before its compute from ranks waiting in a collective.
+PHASE_START, PHASE_COMPUTE, PHASE_SYNC, PHASE_DONE = range(4)
+PHASES = 4
+
+
+class NonFiniteStop(RuntimeError):
+    """Raised on every rank when a non-finite value appears and the scenario says stop.
+
+    ``ranks`` are the flagged ranks (not the raising one), so the launcher blames the right rank.
+    """
+
+    def __init__(self, message: str, ranks: list[int] | None = None):
+        super().__init__(message)
+        self.ranks = ranks or []
+
+
+@dataclass
+class RankContext:
+    """How this process joins the job, and where it reports."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    out_dir: Path
+    store: Any = None  # a c10d Store (spawn launcher) or None → env:// (torchrun)
+    progress: Any = None  # multiprocessing Array of int64, one slot per rank, or None
+    step: int = -1  # the step being run, for error reports
+    phase: int = PHASE_START
+
+    def mark(self, step: int, phase: int) -> None:
+        self.step, self.phase = step, phase
+        if self.progress is not None:
+            self.progress[self.rank] = step * PHASES + phase
+
+
+@dataclass
+class _Job:
+    """Everything built once per run."""
+
+    scenario: Scenario
+    ctx: RankContext
+    device: torch.device
+    ddp: DDP
+    optimizer: torch.optim.Optimizer
+    hook: ConsistencyState
+    sampler: ShardedSampler
+    dataset: Any
+    base_lrs: list[float]
+    noise: NoiseScaleEMA
+    metrics_out: JsonlWriter | None = None
+    events_out: JsonlWriter | None = None
+    timing_out: JsonlWriter | None = None
+    params: list[torch.nn.Parameter] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed % (2**63))
+    np.random.seed(seed % (2**32))
+    random.seed(seed)
+
+
+def make_plan(scenario: Scenario, rank: int, step: int) -> StepPlan:
+    """The synced plan for (rank, step), then every active perturbation in file order."""
+    plan = StepPlan.synced(rank, scenario.world_size, step, scenario.seed)
+    for p in scenario.perturbations:
+        if p.active(rank, step):
+            PERTURBATIONS.get(p.kind)(plan, **p.params)
+    return plan
+
+
+def init_process_group(scenario: Scenario, ctx: RankContext, backend: str) -> None:
+    timeout = datetime.timedelta(seconds=max(scenario.stall_timeout_s * 2, 30.0))
+    kwargs: dict[str, Any] = {"backend": backend, "rank": ctx.rank, "world_size": ctx.world_size, "timeout": timeout}
+    if ctx.store is not None:
+        kwargs["store"] = ctx.store
+    else:
+        kwargs["init_method"] = "env://"
+    dist.init_process_group(**kwargs)
+
+
+def build(scenario: Scenario, ctx: RankContext) -> _Job:
+    device_type = devices.resolve_device_type(scenario.device)
+    backend = devices.resolve_backend(scenario.backend, device_type)
+    device = devices.local_device(device_type, ctx.local_rank)
+    torch.set_num_threads(scenario.threads_per_rank)
+    init_process_group(scenario, ctx, backend)
+    dataset = DATASETS.get(scenario.data.kind)(scenario.seed, **scenario.data.params)
+    seed_everything(derive_seed("init", scenario.seed))  # identical init; DDP also broadcasts rank 0's
+    module = MODELS.get(scenario.model.kind)(dataset, **scenario.model.params).to(device)
+    ddp = DDP(module, device_ids=[device.index] if device.type != "cpu" else None)
+    hook = install(ddp)
+    hook.keep_local = scenario.metrics.self_check
+    optimizer = OPTIMIZERS.get(scenario.optim.kind)(ddp.parameters(), **scenario.optim.params)
+    job = _Job(scenario, ctx, device, ddp, optimizer, hook,
+               ShardedSampler(dataset.size, scenario.world_size, scenario.batch_size), dataset,
+               [g["lr"] for g in optimizer.param_groups], NoiseScaleEMA(scenario.metrics.noise_scale_ema),
+               params=[p for p in ddp.parameters() if p.requires_grad])
+    if ctx.rank == 0:
+        job.metrics_out = JsonlWriter(ctx.out_dir / METRICS_FILE)
+        job.events_out = JsonlWriter(ctx.out_dir / EVENTS_FILE)
+        job.timing_out = JsonlWriter(ctx.out_dir / "timing.jsonl")
+    return job
+
+
+def _autocast(plan: StepPlan, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    if plan.autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=plan.autocast_dtype)
+
+
+def train_step(job: _Job, step: int) -> dict[str, Any] | None:
+    """One optimizer step; returns the metrics row (on every rank) or None if not measured."""
+    s, ctx = job.scenario, job.ctx
+    plan = make_plan(s, ctx.rank, step)
+    ctx.mark(step, PHASE_START)
+    for action in plan.before_step:
+        action()
+    seed_everything(plan.rng_seed)
+    for group, lr in zip(job.optimizer.param_groups, job.base_lrs):
+        group["lr"] = lr * plan.lr_scale
+    measure = step % s.metrics.every == 0 or step == s.steps - 1
+    pairwise = s.metrics.pairwise_every > 0 and step % s.metrics.pairwise_every == 0
+    job.hook.begin_step(measure, pairwise, plan.grad_transforms, plan.generator("grad"), job.device)
+    ctx.mark(step, PHASE_COMPUTE)
+    local_loss = torch.zeros((), dtype=torch.float64, device=job.device)
+    for micro in range(s.grad_accum):
+        idx = job.sampler.indices(step * s.grad_accum + micro, plan)
+        batch = job.dataset.batch(idx)
+        for transform in plan.batch_transforms:
+            batch = transform(batch, plan.generator("batch", micro))
+        batch = {k: v.to(job.device, non_blocking=True) for k, v in batch.items()}
+        last = micro == s.grad_accum - 1
+        with (contextlib.nullcontext() if last else job.ddp.no_sync()), _autocast(plan, job.device):
+            loss = job.ddp(**batch)
+        if last and plan.delay_s > 0:
+            time.sleep(plan.delay_s)  # a straggler: late to the all-reduce, numerics untouched
+        if last:
+            ctx.mark(step, PHASE_SYNC)
+        (loss / s.grad_accum).backward()
+        local_loss += loss.detach().double() / s.grad_accum
+    job.optimizer.step()
+    job.optimizer.zero_grad(set_to_none=True)
+    row = gather_metrics(job, step, local_loss, measure, pairwise)
+    ctx.mark(step, PHASE_DONE)
+    return row
+
+
+def gather_metrics(job: _Job, step: int, local_loss: torch.Tensor, measure: bool, pairwise: bool) -> dict[str, Any] | None:
+    """The step's row (one small all-gather, ``engine.gather``), the weight check when due, flags."""
+    s = job.scenario
+    check_weights = s.metrics.weight_check_every > 0 and ((step + 1) % s.metrics.weight_check_every == 0
+                                                          or step == s.steps - 1)
+    if not (measure or check_weights):
+        return None
+    row = gather_row(job.hook.acc, local_loss, step=step, measure=measure, device=job.device,
+                     world_size=s.world_size, batch_size=s.batch_size * s.grad_accum, noise=job.noise)
+    if check_weights:
+        row.update(weight_sync(job.params, s.world_size))
+    if s.metrics.self_check and measure:
+        row["self_check"] = _self_check(job)
+    _handle_nonfinite(job, step, row)
+    return row
+
+
+def _self_check(job: _Job) -> dict[str, Any]:
+    """Test/debug only: all-gather the full local gradients and compute the metrics directly."""
+    local = torch.cat([b.reshape(-1) for b in job.hook.local_buckets]).double()
+    gathered = [torch.empty_like(local) for _ in range(job.scenario.world_size)]
+    dist.all_gather(gathered, local)
+    return brute_force(torch.stack(gathered).cpu().numpy())
+
+
+def _handle_nonfinite(job: _Job, step: int, row: dict[str, Any]) -> None:
+    bad = [f for f in row.get("flags", []) if f["kind"].startswith("nonfinite")]
+    if not bad:
+        return
+    if job.events_out is not None:
+        for flag in bad:
+            job.events_out.write({"step": step, "event": flag["kind"], "rank": flag["rank"]})
+    if job.scenario.on_nonfinite == "stop":
+        if job.metrics_out is not None:
+            job.metrics_out.write(row)
+        what = ", ".join(f"{f['kind']} on rank {f['rank']}" for f in bad)
+        ranks = sorted({f["rank"] for f in bad if f["rank"] is not None})
+        raise NonFiniteStop(f"non-finite values at step {step}: {what} (on_nonfinite = 'stop')", ranks)
+
+
+def train(scenario: Scenario, ctx: RankContext) -> None:
+    """The whole job on this rank; rank 0 writes the metrics rows as steps complete."""
+    job = build(scenario, ctx)
+    try:
+        for step in range(scenario.steps):
+            t0 = time.perf_counter()
+            row = train_step(job, step)
+            if job.timing_out is not None:
+                job.timing_out.write({"step": step, "seconds": time.perf_counter() - t0})
+            if row is not None and job.metrics_out is not None:
+                job.metrics_out.write(row)
+        if scenario.metrics.save_weights:
+            path = ctx.out_dir / "ranks" / f"rank{ctx.rank}.final.pt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({k: v.detach().cpu() for k, v in job.ddp.module.state_dict().items()}, path)
+        dist.barrier()
+        ctx.mark(scenario.steps, PHASE_START)  # "past the last step": all work done, only teardown left
+    finally:
+        for writer in (job.metrics_out, job.events_out, job.timing_out):
+            if writer is not None:
+                writer.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def error_report(ctx: RankContext, exc: BaseException) -> dict[str, Any]:
+    return {
+        "rank": ctx.rank,
+        "step": ctx.step,
+        "phase": ctx.phase,
+        "error": f"{type(exc).__name__}: {exc}",
+        "traceback": traceback.format_exc(),
+        "time": time.time(),
+        "nonfinite_ranks": exc.ranks if isinstance(exc, NonFiniteStop) else None,
+    }
+
+
+def write_error_report(ctx: RankContext, exc: BaseException) -> None:
+    write_json_atomic(ctx.out_dir / "ranks" / f"rank{ctx.rank}.json", error_report(ctx, exc))

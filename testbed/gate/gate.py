@@ -1,0 +1,160 @@
+"""The gate: run scenarios, check their ``[expect]`` tables and a committed baseline, and
+exit 0 (pass), 1 (a regression) or 2 (a usage or scenario error) — the CI step that fails a build
+when a change to a training stack introduces silent inconsistency.
+
+Every scenario runs for real into ``--out``; a scenario with a ``[sweep]`` runs all its levels.
+Scenarios named by ``metrics_equal_to`` are run too (once, shared) so invariance can be checked.
+Reports: a table on stdout, optional JUnit XML (one testcase per scenario) and markdown.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from testbed.gate import baseline as baselines
+from testbed.gate.checks import Finding, RunData, evaluate, outlier_rank, series, statistic
+from testbed.scenario.expect import Expectations, expectations_of
+from testbed.gate.outcome import Failure, Outcome
+from testbed.gate.expect_sweep import evaluate_sweep, load_sweep
+from testbed.scenario.spec import Scenario, load_scenario
+
+DEFAULT_SCENARIO_DIR = Path("scenarios")
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "scenario"
+
+
+def scenario_paths(items: Sequence[str | Path]) -> list[Path]:
+    """Files as given; directories expand to their ``*.toml`` files (sorted)."""
+    out: list[Path] = []
+    for item in items or [DEFAULT_SCENARIO_DIR]:
+        p = Path(item)
+        found = sorted(f for f in p.rglob("*.toml") if f.is_file()) if p.is_dir() else [p]
+        out += [f for f in found if f.resolve() not in {o.resolve() for o in out}]
+    return out
+
+
+def execute(scenario: Scenario, out_dir: Path) -> RunData | Path:
+    """Run one scenario (a plain run → its RunData; a sweep → its sweep directory)."""
+    if scenario.sweep:
+        from testbed.scenario.sweep import SWEEP_FILE
+        from testbed.engine.sweep import run_sweep
+
+        if (out_dir / SWEEP_FILE).is_file():  # a gate checks this code: never resume an older sweep
+            shutil.rmtree(out_dir)
+        sweep_dir, _, _ = run_sweep(Path(scenario.source), out_dir, stream=sys.stderr)
+        return sweep_dir
+    from testbed.engine.runner import launch
+
+    launch(scenario, out_dir)
+    return RunData.load(out_dir)
+
+
+def check(scenario: Scenario, result: RunData | Path, reference: RunData | None = None) -> list[Finding]:
+    """The scenario's expectations against its run (or every level of its sweep)."""
+    exp = expectations_of(scenario)
+    if isinstance(result, Path):
+        return evaluate_sweep(exp, result)
+    if scenario.sweep:  # the sweep could not even start: report that, not a missing [sweep]
+        exp = replace(exp, dispersion_increases=())
+    return evaluate(exp, result, reference, str(exp.metrics_equal_to) if exp.metrics_equal_to else "")
+
+
+def values_of(exp: Expectations, result: RunData | Path) -> dict[str, Any]:
+    """Baseline values of a run, or of each level of a sweep (keys prefixed ``<label>/``)."""
+    if isinstance(result, RunData):
+        return baselines.run_values(result, exp.warmup_steps)
+    try:
+        levels = load_sweep(result)
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {f"{label}/{k}": v for label, run, _ in levels if run is not None
+            for k, v in baselines.run_values(run, exp.warmup_steps).items()}
+
+
+def locate(exp: Expectations, result: RunData | Path, key: str) -> tuple[int | None, int | None, str | None]:
+    """(step, rank, level) of the worst value behind a baseline key such as ``2of4/loss_cv.peak``."""
+    level, _, key = key.rpartition("/")
+    run = result if isinstance(result, RunData) else None
+    if isinstance(result, Path) and level:
+        run = next((r for lab, r, _ in _safe_levels(result) if lab == level), None)
+    metric, _, _ = key.partition(".")
+    if run is None or metric not in baselines.BOUNDED_METRICS:
+        return None, None, level or None
+    points = series(run.rows, metric, exp.warmup_steps)
+    if not points:
+        return None, None, level or None
+    _, step = statistic(points, "peak", "max" if baselines.BOUNDED_METRICS[metric] else "min")
+    row = next((r for r in run.rows if r.get("step") == step), {})
+    return step, outlier_rank(row, metric), level or None
+
+
+def _safe_levels(sweep_dir: Path) -> list[tuple[str, RunData | None, str]]:
+    try:
+        return load_sweep(sweep_dir)
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def failures_of(outcome: Outcome, exp: Expectations, result: RunData | Path) -> list[Failure]:
+    out = []
+    for f in outcome.findings:
+        if f.passed:
+            continue
+        amount = ""
+        if isinstance(f.actual, (int, float)) and isinstance(f.limit, (int, float)) \
+                and not isinstance(f.actual, bool) and f.check.startswith(("max_", "min_")):
+            amount = f"{f.actual - f.limit:+.3g} past the limit"
+        out.append(Failure(f"expect.{f.check}", f.message, amount, f.step, f.rank, f.level))
+    for d in outcome.deviations:
+        if not d.passed:
+            step, rank, level = locate(exp, result, d.key)
+            out.append(Failure(f"baseline {d.key}", d.message, d.change if d.key != "<baseline>" else "",
+                               step, rank, level))
+    return out
+
+
+def gate(scenarios: Sequence[Scenario], out_root: Path, baseline: dict[str, Any] | None, jobs: int = 1,
+         log: Callable[[str], None] = print) -> list[Outcome]:
+    """Run every scenario (and every ``metrics_equal_to`` reference once), then judge them."""
+    by_path = {Path(s.source).resolve(): s for s in scenarios}
+    refs: dict[Path, Scenario] = {}
+    for s in scenarios:
+        ref = expectations_of(s).metrics_equal_to
+        if ref is not None and ref not in by_path and ref not in refs:
+            refs[ref] = load_scenario(ref)
+    tasks = [(s, out_root / slug(s.name)) for s in scenarios]
+    tasks += [(r, out_root / "_references" / slug(r.name)) for r in refs.values()]
+    counter = iter(range(1, len(tasks) + 1))
+
+    def run_one(task: tuple[Scenario, Path]) -> tuple[RunData | Path, float]:
+        s, d = task
+        t0 = time.monotonic()
+        try:
+            result = execute(s, d)
+        except Exception as e:  # noqa: BLE001 — a gate reports, it does not crash
+            result = RunData([], ok=False, reason=f"the gate could not run it: {type(e).__name__}: {e}")
+        status = "ok" if isinstance(result, Path) or result.ok else f"FAILED ({result.reason})"
+        log(f"[{next(counter)}/{len(tasks)}] {s.name}: {status} in {time.monotonic() - t0:.1f} s")
+        return result, time.monotonic() - t0
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        results = list(pool.map(run_one, tasks))
+    ref_runs = {Path(s.source).resolve(): r for (s, _), (r, _) in zip(tasks, results) if isinstance(r, RunData)}
+    outcomes = []
+    for (s, run_dir), (result, wall) in zip(tasks[: len(scenarios)], results):
+        exp = expectations_of(s)
+        reference = ref_runs.get(exp.metrics_equal_to) if exp.metrics_equal_to else None
+        outcome = Outcome(s, run_dir, wall, check(s, result, reference), values=values_of(exp, result))
+        if baseline is not None:
+            outcome.deviations = baselines.compare(baseline, s.name, outcome.values)
+        outcome.failures = failures_of(outcome, exp, result)
+        outcomes.append(outcome)
+    return outcomes

@@ -1,0 +1,39 @@
+"""Dotted overrides: ``--set optim.lr=0.05`` and friends, applied to a parsed scenario table.
+
+Values are TOML (``--set perturbations.0.ranks=[1,2]``); a value that is not valid TOML is taken as
+a bare string. List indices are integers in the path.
+"""
+from __future__ import annotations
+
+import tomllib
+from typing import Any, Iterable
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """``set_dotted(d, "perturbations.0.ranks", [1])``: list indices are integers in the path."""
+    parts = key.split(".")
+    node: Any = raw
+    for part in parts[:-1]:
+        node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+    last = parts[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def parse_overrides(items: Iterable[str] | None, *, steps: int | None = None,
+                    world_size: int | None = None) -> dict[str, object]:
+    """``["optim.lr=0.05", ...]`` (+ the ``--steps`` / ``--world-size`` shortcuts) → dotted key → value."""
+    out: dict[str, object] = {}
+    if steps is not None:
+        out["steps"] = steps
+    if world_size is not None:
+        out["world_size"] = world_size
+    for item in items or []:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = value  # a bare string
+    return out

@@ -1,0 +1,329 @@
+"""Scenario files: read TOML, validate every field against the registries, resolve to dataclasses.
+
+Validation errors always name the file, the dotted field and what was expected, because the
+person reading them is editing that file. Kind-specific parameters are checked against the
+signature of the registered function (see ``testbed.scenario.registry``).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from testbed.scenario.errors import ScenarioError
+from testbed.scenario.expect import validate_expect
+from testbed.scenario.overrides import set_dotted
+from testbed.scenario.registry import Registry, coerce
+from testbed.scenario.sweep import build_levels
+
+
+@dataclass(frozen=True)
+class Component:
+    """A ``[model]``, ``[data]`` or ``[optim]`` table: a registered kind and its parameters."""
+
+    kind: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PerturbationSpec:
+    """One ``[[perturbations]]`` entry, ranks resolved to explicit integers."""
+
+    kind: str
+    ranks: tuple[int, ...]
+    start_step: int = 0
+    end_step: int | None = None  # exclusive; None = until the end
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def active(self, rank: int, step: int) -> bool:
+        in_window = self.start_step <= step and (self.end_step is None or step < self.end_step)
+        return in_window and rank in self.ranks
+
+
+@dataclass(frozen=True)
+class MetricsSpec:
+    """How often each instrument runs. 0 disables an instrument."""
+
+    every: int = 1  # per-rank loss / grad norm / cosine, gathered as scalars
+    pairwise_every: int = 0  # exact N×N cosine matrix (gathers bucket by bucket: costs traffic)
+    weight_check_every: int = 10  # cross-rank parameter checksum
+    noise_scale_ema: float = 0.9  # EMA factor for B_simple's numerator and denominator
+    self_check: bool = False  # also all-gather full gradients and record brute-force values
+    save_weights: bool = False  # each rank saves its final parameters to ranks/rank{r}.final.pt
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A fully validated, resolved scenario; ``to_dict`` round-trips through ``from_dict``."""
+
+    name: str
+    description: str
+    world_size: int
+    steps: int
+    seed: int
+    model: Component
+    data: Component
+    optim: Component
+    batch_size: int
+    backend: str = "auto"
+    device: str = "cpu"
+    grad_accum: int = 1
+    threads_per_rank: int = 1
+    timeout_s: float = 600.0
+    stall_timeout_s: float = 120.0
+    on_nonfinite: str = "continue"
+    perturbations: tuple[PerturbationSpec, ...] = ()
+    metrics: MetricsSpec = MetricsSpec()
+    expect: dict[str, Any] = field(default_factory=dict)
+    sweep: dict[str, Any] = field(default_factory=dict)
+    source: str = "<memory>"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> "Scenario":
+        d = dict(d)
+        d["model"], d["data"], d["optim"] = (Component(**d[k]) for k in ("model", "data", "optim"))
+        d["perturbations"] = tuple(
+            PerturbationSpec(**{**p, "ranks": tuple(p["ranks"])}) for p in d.get("perturbations", ())
+        )
+        d["metrics"] = MetricsSpec(**d.get("metrics", {}))
+        return Scenario(**d)
+
+
+_TOP_KEYS = {
+    "name", "description", "world_size", "steps", "seed", "backend", "device", "grad_accum",
+    "threads_per_rank", "timeout_s", "stall_timeout_s", "on_nonfinite", "model", "data", "optim",
+    "perturbations", "metrics", "expect", "sweep",
+}
+_BACKENDS = ("auto", "gloo", "nccl", "hccl")
+# Bounds that keep a typo from becoming a memory blow-up or an overflow far from the file: ranks
+# are materialised as a tuple, steps index an int64 progress counter, and timeouts become
+# ``datetime.timedelta``s (which overflow near 1e14 s).
+MAX_WORLD_SIZE = 4096
+MAX_STEPS = 10**9
+MAX_SECONDS = 10**7  # ~116 days
+_DEVICES = ("auto", "cpu", "cuda", "npu")
+
+
+def load_scenario(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Scenario:
+    """Read and validate a scenario file; ``overrides`` maps dotted keys to new values."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ScenarioError(path, "<file>", "an existing scenario file") from None
+    except OSError as e:  # a directory, no permission, an I/O error
+        raise ScenarioError(path, "<file>", f"a readable scenario file ({e.strerror or e})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ScenarioError(path, "<file>", f"valid TOML ({e})") from None
+    for key, value in (overrides or {}).items():
+        try:
+            set_dotted(raw, key, value)
+        except (LookupError, ValueError, TypeError, AttributeError):  # a path through a scalar, a bad index
+            raise ScenarioError(path, key, "an override path that exists in the scenario "
+                                "(tables by name, arrays by index, e.g. perturbations.0.ranks)", value) from None
+    return parse_scenario(raw, source=str(path))
+
+
+def parse_scenario(raw: Mapping[str, Any], source: str = "<memory>") -> Scenario:
+    """Validate a scenario given as a dict (already parsed TOML)."""
+    from testbed.scenario.tables import DATASETS, MODELS, OPTIMIZERS, PERTURBATIONS
+
+    raw = copy.deepcopy(dict(raw))
+    v = _Validator(source)
+    v.no_unknown(raw, _TOP_KEYS, "")
+    name = v.get(raw, "name", str)
+    if not name.strip():
+        raise ScenarioError(source, "name", "a non-empty string", name)
+    world_size = v.get(raw, "world_size", int)
+    if world_size < 2:
+        raise ScenarioError(source, "world_size", "an integer >= 2 (data parallelism needs two ranks)", world_size)
+    if world_size > MAX_WORLD_SIZE:
+        raise ScenarioError(source, "world_size", f"an integer <= {MAX_WORLD_SIZE}", world_size)
+    steps = v.get(raw, "steps", int)
+    if not 1 <= steps <= MAX_STEPS:
+        raise ScenarioError(source, "steps", f"an integer in 1..{MAX_STEPS}", steps)
+    model = v.component(raw, "model", MODELS)
+    data_raw = raw.get("data")
+    batch_size = v.get(data_raw if isinstance(data_raw, dict) else {}, "batch_size", int, where="data.")
+    if batch_size < 1:
+        raise ScenarioError(source, "data.batch_size", "an integer >= 1", batch_size)
+    data = v.component(raw, "data", DATASETS, extra={"batch_size"})
+    optim = v.component(raw, "optim", OPTIMIZERS)
+    metrics = v.metrics(raw.get("metrics", {}))
+    perturbations = tuple(
+        v.perturbation(p, i, world_size, steps, PERTURBATIONS)
+        for i, p in enumerate(v.list_of_tables(raw, "perturbations"))
+    )
+    scenario = Scenario(
+        name=name,
+        description=v.get(raw, "description", str, default=""),
+        world_size=world_size,
+        steps=steps,
+        seed=v.get(raw, "seed", int, default=0),
+        model=model,
+        data=data,
+        optim=optim,
+        batch_size=batch_size,
+        backend=v.choice(raw, "backend", _BACKENDS, "auto"),
+        device=v.choice(raw, "device", _DEVICES, "cpu"),
+        grad_accum=v.positive(raw, "grad_accum", int, 1),
+        threads_per_rank=v.positive(raw, "threads_per_rank", int, 1),
+        timeout_s=v.positive(raw, "timeout_s", float, 600.0, upper=MAX_SECONDS),
+        stall_timeout_s=v.positive(raw, "stall_timeout_s", float, 120.0, upper=MAX_SECONDS),
+        on_nonfinite=v.choice(raw, "on_nonfinite", ("continue", "stop"), "continue"),
+        perturbations=perturbations,
+        metrics=metrics,
+        expect=validate_expect(raw.get("expect", {}), source, steps=steps,
+                               pairwise_every=metrics.pairwise_every,
+                               weight_check_every=metrics.weight_check_every, has_sweep=bool(raw.get("sweep"))),
+        sweep=v.get(raw, "sweep", dict, default={}),
+        source=source,
+    )
+    if scenario.sweep:
+        build_levels({**raw, "sweep": scenario.sweep}, source, parse_scenario)  # every level must be valid
+    return scenario
+
+
+class _Validator:
+    """Field readers that raise ScenarioError with the file and the dotted field name."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def get(self, table: Mapping[str, Any], key: str, typ: Any, default: Any = ..., where: str = "") -> Any:
+        if not isinstance(table, Mapping):
+            raise ScenarioError(self.source, where.rstrip(".") or "<top>", "a table", table)
+        if key not in table:
+            if default is ...:
+                raise ScenarioError(self.source, where + key, f"{_describe(typ)} (required)")
+            return default
+        try:
+            return coerce(table[key], typ)
+        except TypeError as e:
+            raise ScenarioError(self.source, where + key, str(e), table[key]) from None
+
+    def positive(self, table: Mapping[str, Any], key: str, typ: Any, default: Any, upper: float | None = None) -> Any:
+        value = self.get(table, key, typ, default)
+        if value <= 0 or (isinstance(value, float) and not math.isfinite(value)):
+            raise ScenarioError(self.source, key, f"a positive {_describe(typ)[2:]}", value)
+        if upper is not None and value > upper:
+            raise ScenarioError(self.source, key, f"a positive {_describe(typ)[2:]} <= {upper:g}", value)
+        return value
+
+    def choice(self, table: Mapping[str, Any], key: str, options: tuple[str, ...], default: str) -> str:
+        value = self.get(table, key, str, default)
+        if value not in options:
+            raise ScenarioError(self.source, key, "one of " + ", ".join(repr(o) for o in options), value)
+        return value
+
+    def no_unknown(self, table: Mapping[str, Any], known: set[str], where: str) -> None:
+        for key in table:
+            if key not in known:
+                raise ScenarioError(
+                    self.source, where + str(key), "no such field; known: " + ", ".join(sorted(known))
+                )
+
+    def list_of_tables(self, raw: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]:
+        items = raw.get(key, [])
+        if not isinstance(items, list) or not all(isinstance(i, Mapping) for i in items):
+            raise ScenarioError(self.source, key, "an array of tables ([[perturbations]])", items)
+        return items
+
+    def params(self, table: Mapping[str, Any], registry: Registry, kind: str, where: str,
+               reserved: set[str]) -> dict[str, Any]:
+        schema = registry.params(kind)
+        out: dict[str, Any] = {}
+        for key, value in table.items():
+            if key in reserved:
+                continue
+            if key not in schema:
+                known = sorted(set(schema) | reserved)
+                raise ScenarioError(self.source, where + key,
+                                    f"a parameter of {registry.what} kind {kind!r} (known: {', '.join(known)})")
+            try:
+                out[key] = coerce(value, schema[key].annotation)
+            except TypeError as e:
+                raise ScenarioError(self.source, where + key, str(e), value) from None
+        for pname, p in schema.items():
+            if p.required and pname not in out:
+                raise ScenarioError(self.source, where + pname, f"{_describe(p.annotation)} (required by {kind!r})")
+        return out
+
+    def component(self, raw: Mapping[str, Any], key: str, registry: Registry,
+                  extra: set[str] = frozenset()) -> Component:
+        table = raw.get(key)
+        if not isinstance(table, Mapping):
+            raise ScenarioError(self.source, key, f"a [{key}] table with a 'kind'", table)
+        kind = self.get(table, "kind", str, where=key + ".")
+        if kind not in registry:
+            raise ScenarioError(self.source, key + ".kind", "one of " + ", ".join(map(repr, registry.names())), kind)
+        return Component(kind, self.params(table, registry, kind, key + ".", {"kind", *extra}))
+
+    def metrics(self, table: Any) -> MetricsSpec:
+        if not isinstance(table, Mapping):
+            raise ScenarioError(self.source, "metrics", "a table", table)
+        defaults = MetricsSpec()
+        self.no_unknown(table, set(asdict(defaults)), "metrics.")
+        values = {k: self.get(table, k, type(getattr(defaults, k)), getattr(defaults, k), where="metrics.")
+                  for k in asdict(defaults)}
+        for k in ("every", "pairwise_every", "weight_check_every"):
+            if values[k] < 0:
+                raise ScenarioError(self.source, "metrics." + k, "an integer >= 0 (0 = off)", values[k])
+        if values["every"] == 0:
+            raise ScenarioError(self.source, "metrics.every", "an integer >= 1", 0)
+        if not 0.0 <= values["noise_scale_ema"] < 1.0:
+            raise ScenarioError(self.source, "metrics.noise_scale_ema", "a number in [0, 1)", values["noise_scale_ema"])
+        return MetricsSpec(**values)
+
+    def perturbation(self, table: Mapping[str, Any], index: int, world_size: int, steps: int,
+                     registry: Registry) -> PerturbationSpec:
+        where = f"perturbations[{index}]."
+        kind = self.get(table, "kind", str, where=where)
+        if kind not in registry:
+            raise ScenarioError(self.source, where + "kind", "one of " + ", ".join(map(repr, registry.names())), kind)
+        ranks = resolve_ranks(table.get("ranks", "all"), world_size, self.source, where + "ranks")
+        start = self.get(table, "start_step", int, 0, where=where)
+        end = self.get(table, "end_step", int | None, None, where=where)
+        if not 0 <= start < steps:  # a window that starts after the last step silently does nothing
+            raise ScenarioError(self.source, where + "start_step", f"an integer in 0..{steps - 1} (steps = {steps})", start)
+        if end is not None and end <= start:
+            raise ScenarioError(self.source, where + "end_step", f"an integer > start_step ({start})", end)
+        params = self.params(table, registry, kind, where, {"kind", "ranks", "start_step", "end_step"})
+        return PerturbationSpec(kind, ranks, start, end, params)
+
+
+def resolve_ranks(value: Any, world_size: int, source: str, where: str) -> tuple[int, ...]:
+    """``ranks`` may be a list of ranks, a fraction of the world size, or ``"all"``/``"none"``.
+
+    A fraction f perturbs round(f·N) ranks counted down from the highest rank, so rank 0 stays
+    unperturbed (the reference) until every rank is.
+    """
+    if value == "all":
+        return tuple(range(world_size))
+    if value == "none":
+        return ()
+    if isinstance(value, float):
+        if not 0.0 <= value <= 1.0:
+            raise ScenarioError(source, where, "a fraction in [0, 1]", value)
+        k = round(value * world_size)
+        return tuple(range(world_size - k, world_size))
+    if isinstance(value, list) and all(isinstance(r, int) and not isinstance(r, bool) for r in value):
+        bad = [r for r in value if not 0 <= r < world_size]
+        if bad:
+            raise ScenarioError(source, where, f"ranks in 0..{world_size - 1} (world_size {world_size})", value)
+        if len(set(value)) != len(value):
+            raise ScenarioError(source, where, "distinct ranks", value)
+        return tuple(sorted(value))
+    raise ScenarioError(source, where, 'a list of ranks, a fraction in [0, 1], "all" or "none"', value)
+
+
+def _describe(typ: Any) -> str:
+    from testbed.scenario.registry import describe
+
+    return describe(typ)

@@ -1,0 +1,36 @@
+"""Model builders. Every model's ``forward(**batch)`` returns the batch's mean loss, so the
+worker loop is the same for every kind (no per-model training loops)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from testbed.workloads.data import Dataset
+from testbed.scenario.tables import MODELS
+
+
+class MLPClassifier(nn.Module):
+    """A plain MLP with optional dropout; cross-entropy loss on ``inputs`` / ``targets``."""
+
+    def __init__(self, features: int, classes: int, hidden: int, depth: int, dropout: float):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = features
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.GELU()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = hidden
+        layers.append(nn.Linear(width, classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(self.net(inputs), targets)
+
+
+@MODELS.register("mlp")
+def mlp(dataset: Dataset, *, hidden: int = 64, depth: int = 2, dropout: float = 0.0) -> nn.Module:
+    """MLP over a classification dataset (needs ``info['features']`` and ``info['classes']``)."""
+    if hidden < 1 or depth < 0 or not 0.0 <= dropout < 1.0:
+        raise ValueError("mlp needs hidden >= 1, depth >= 0 and 0 <= dropout < 1")
+    return MLPClassifier(dataset.info["features"], dataset.info["classes"], hidden, depth, dropout)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch.distributed as dist
 
-from testbed.cli import main as cli
+from testbed import cli
 from testbed.record.files import RUN_FILE, default_run_dir, read_metrics, write_json_atomic
 from tests.test_scenario_fuzz import toml_document
 from tests.helpers import tiny

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from testbed.cli import main as cli
+from testbed import cli
 from testbed.engine.device import BACKEND_FOR, DeviceError, local_device, npu_available, resolve_backend, resolve_device_type
 from testbed.scenario.spec import load_scenario
 from tests.helpers import run, tiny

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from testbed.cli import main as cli
+from testbed import cli
 from testbed.record.files import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from testbed.cli import main as cli
+from testbed import cli
 from testbed.engine import runner
 from testbed.record.files import read_jsonl, read_metrics
 from testbed.scenario.spec import load_scenario

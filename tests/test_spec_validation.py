@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.cli import main as cli
+from testbed import cli
 from testbed.scenario.spec import ScenarioError, load_scenario
 
 VALID = """\

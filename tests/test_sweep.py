@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from testbed.engine import runner
+from testbed.engine import sweep as sweep_run
 from testbed.scenario import sweep
 from testbed.cli import main
 from testbed.record.files import write_json_atomic
@@ -52,7 +53,7 @@ def write_toml(path: Path, raw: dict[str, Any]) -> Path:
 
 @pytest.mark.parametrize("name", LADDERS)
 def test_shipped_ladders_have_five_valid_levels(name: str) -> None:
-    base, levels = sweep.load_levels(ROOT / "scenarios" / f"{name}.toml")
+    base, levels = sweep_run.load_levels(ROOT / "scenarios" / f"{name}.toml")
     assert [lv.label for lv in levels] == ["0of4", "1of4", "2of4", "3of4", "4of4"]
     assert [lv.run_dir for lv in levels][:2] == ["level-00-0of4", "level-01-1of4"]
     params = sweep.sweep_parameters(base.sweep)
@@ -63,7 +64,7 @@ def test_shipped_ladders_have_five_valid_levels(name: str) -> None:
 
 
 def test_level_zero_perturbs_nobody() -> None:
-    (level0, *_) = sweep.build_levels(ladder())
+    (level0, *_) = sweep.build_levels(ladder(), "<memory>", parse_scenario)
     for rank in range(2):
         plan = make_plan(level0.scenario, rank, 1)
         synced = make_plan(parse_scenario(tiny()), 0, 1)
@@ -96,12 +97,12 @@ def test_sweep_errors_name_the_file(tmp_path: Path) -> None:
         load_scenario(path)
     plain = write_toml(tmp_path / "plain.toml", {k: v for k, v in ladder().items() if k != "sweep"})
     with pytest.raises(ScenarioError, match="a \\[sweep\\] table"):
-        sweep.load_levels(plain)
+        sweep_run.load_levels(plain)
 
 
 def test_default_labels_and_level_selection() -> None:
     assert [sweep.default_label(v) for v in ([], [2, 3], 0.5, "x")] == ["none", "2-3", "0.5", "x"]
-    levels = sweep.build_levels(ladder())
+    levels = sweep.build_levels(ladder(), "<memory>", parse_scenario)
     assert [lv.label for lv in levels] == ["none", "1", "0-1"]
     assert [lv.index for lv in sweep.select_levels(levels, ["2", "none"], "f")] == [0, 2]
     assert [lv.index for lv in sweep.select_levels(levels, ["0,1"], "f")] == [0, 1]
@@ -110,10 +111,10 @@ def test_default_labels_and_level_selection() -> None:
 
 
 def test_progress_bar_only_redraws_on_a_terminal() -> None:
-    (level, *_) = sweep.build_levels(ladder())
+    (level, *_) = sweep.build_levels(ladder(), "<memory>", parse_scenario)
     for tty in (True, False):
         out = io.StringIO()
-        bar = sweep.Progress(6, out, tty=tty)
+        bar = sweep_run.Progress(6, out, tty=tty)
         bar.draw(level, 1, 2, 2)
         bar.line("done")
         text = out.getvalue()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.cli import main as cli
+from testbed import cli
 from testbed.engine import torchrun as entry
 from testbed.record.files import read_metrics
 from tests.helpers import run_json

@@ -28,9 +28,13 @@ from tests.verdict_streams import TAILS, Stream  # noqa: E402
 
 
 def healthy(rng: np.random.Generator, steps: int | None = None) -> Stream:
-    return Stream(int(rng.integers(2, 17)), steps or int(rng.integers(5, 201)), tails=str(rng.choice(TAILS)),
-                  noise=float(10 ** rng.uniform(-3, -0.5)), drift=float(rng.uniform(0, 3)),
-                  shock=float(rng.uniform(0, 1)), pairwise_every=int(rng.choice([0, 0, 1, 5])))
+    """A random healthy recipe; ``steps`` given: that length and no pairwise matrices (online test)."""
+    n = int(rng.integers(2, 17))
+    length = steps or int(rng.integers(5, 201))
+    tails, noise = str(rng.choice(TAILS)), float(10 ** rng.uniform(-3, -0.5))
+    drift, shock = float(rng.uniform(0, 3)), float(rng.uniform(0, 1))
+    pairwise = 0 if steps else int(rng.choice([0, 0, 1, 5]))
+    return Stream(n, length, tails=tails, noise=noise, drift=drift, shock=shock, pairwise_every=pairwise)
 
 
 def false_alarms(runs: int, spikes: bool) -> None:
@@ -105,12 +109,12 @@ def main() -> None:
     start = time.perf_counter()
     print(f"1. α-controlled part, {args.runs} healthy runs")
     false_alarms(args.runs, spikes=False)
-    print(f"2. full verdict (spike rule on), {args.runs // 2} healthy runs")
-    false_alarms(args.runs // 2, spikes=True)
+    print(f"2. full verdict (spike rule on), {args.runs * 2 // 5} healthy runs")
+    false_alarms(args.runs * 2 // 5, spikes=True)
     print("3. power")
     power(args.seeds)
     print("4. online test")
-    online(max(100, args.runs // 3), max(5, args.seeds // 2))
+    online(max(100, args.runs * 3 // 10), max(5, args.seeds // 2))
     print(f"({time.perf_counter() - start:.0f} s)")
 
 

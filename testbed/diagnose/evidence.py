@@ -1,0 +1,39 @@
+"""One piece of the verdict's evidence, and which pieces count against a run.
+
+Kept apart so that the modules producing evidence (``verdict``, ``replicas``, ``transient``) and the
+text share one definition without importing each other.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """One finding: exactly one of ``rank`` / ``group`` is set (``group`` is a split, e.g.
+    ``[[0, 1], [2, 3]]``; with two ranks ``[[0], [1]]``). ``effect`` holds ``value``, ``unit`` and,
+    where they apply, ``since_step``, ``steps`` (steps agreeing with the effect's sign) and ``of``."""
+
+    metric: str
+    kind: str  # persistent | transient | divergence | nonfinite
+    effect: dict[str, Any]
+    p_value: float | None
+    rank: int | None = None
+    group: list[list[int]] | None = None
+
+    def to_json(self) -> Row:
+        who: Row = {"group": self.group} if self.group is not None else {"rank": self.rank}
+        return {"metric": self.metric, **who, "effect": self.effect, "p_value": self.p_value, "kind": self.kind}
+
+    @property
+    def since_step(self) -> int | None:
+        return self.effect.get("since_step")
+
+
+def counts(evidence: Evidence) -> bool:
+    """Whether an evidence item makes the run inconsistent: every kind does, except a spike that is
+    not ``confirmed`` (``transient``)."""
+    return evidence.kind != "transient" or evidence.effect.get("confirmed", True)

@@ -1,0 +1,124 @@
+"""The verdict in plain words: one line that opens the CLI summary.
+
+``INCONSISTENT — rank 3: loss 11 % above the other ranks on 40/40 steps (p < 0.001); …``,
+``consistent — no rank differs from the others beyond chance (α = 0.01, 40 steps)``,
+``DIVERGED — rank 3's weights left the others at step 10 (last in sync at step 0)``.
+Kept apart from the analysis so the wording can change without touching the statistics.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from testbed.diagnose.evidence import counts
+
+if TYPE_CHECKING:
+    from testbed.diagnose.evidence import Evidence
+    from testbed.diagnose.verdict import Verdict
+
+LABELS = {"loss": "loss", "grad_norm": "grad norm", "cos_to_mean": "cosine to mean",
+          "pairwise_cos": "gradient cosine", "deviations": "deviations"}
+MAX_SUBJECTS = 3
+
+
+def headline(v: "Verdict") -> str:
+    if v.status == "consistent":
+        if v.world_size < 2:
+            return f"consistent — world size {v.world_size}: nothing to compare ({v.steps} steps)"
+        if v.steps == 0:
+            return "consistent — no steps recorded"
+        text = f"consistent — no rank differs from the others beyond chance (α = {v.alpha:g}, {v.steps} steps)"
+        if v.evidence:  # only unconfirmed spikes can be left
+            text += "; unconfirmed spikes, within the run's own tails: " + _subjects(v.evidence, v)
+        return text
+    if v.status == "diverged":
+        div = [e for e in v.evidence if e.kind == "divergence"]
+        text = "DIVERGED — " + _divergence(div)
+        rest = [e for e in v.evidence if e.kind != "divergence" and counts(e)]
+        return text + ("; also " + _subjects(rest, v) if rest else "")
+    counted = [e for e in v.evidence if counts(e)]
+    text = "INCONSISTENT — " + _subjects(counted, v)
+    if any("2 ranks" in n for n in v.notes):
+        text += " — with 2 ranks the difference cannot be attributed to either without a control run"
+    unconfirmed = len(v.evidence) - len(counted)
+    if unconfirmed:
+        text += f" (+{unconfirmed} unconfirmed spike(s) within the run's own tails)"
+    return text
+
+
+def _subjects(evidence: list["Evidence"], v: "Verdict") -> str:
+    """``subject: phrase, phrase; subject: …`` — phrases that differ only in the metric are merged
+    (``loss, grad norm and cosine to mean differ …``)."""
+    by: dict[Any, dict[str, list[str]]] = {}
+    for e in sorted(evidence, key=lambda e: e.group is None):  # splits first
+        key = e.rank if e.rank is not None else tuple(tuple(g) for g in e.group or [])
+        label, tail = _phrase(e, v)
+        by.setdefault(key, {}).setdefault(tail, []).append(label)
+    parts = [f"{_subject(key)}: " + ", ".join(f"{_and(labels)} {tail}".strip() for tail, labels in tails.items())
+             for key, tails in list(by.items())[:MAX_SUBJECTS]]
+    if len(by) > MAX_SUBJECTS:
+        parts.append(f"+{len(by) - MAX_SUBJECTS} more")
+    return "; ".join(parts)
+
+
+def _and(labels: list[str]) -> str:
+    return labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
+
+
+def _subject(key: Any) -> str:
+    if isinstance(key, int):
+        return f"rank {key}"
+    if all(len(g) == 1 for g in key):
+        return "ranks " + " and ".join(str(g[0]) for g in key)
+    return "groups " + " | ".join("{" + ", ".join(map(str, g)) + "}" for g in key)
+
+
+def _p(p: float | None) -> str:
+    if p is None:
+        return ""
+    return "p < 0.001" if p < 0.001 else f"p = {p:.2g}"
+
+
+def _phrase(e: "Evidence", v: "Verdict") -> tuple[str, str]:
+    """(metric label, the rest of the phrase)."""
+    f = e.effect
+    label = LABELS.get(e.metric, e.metric)
+    since = f.get("since_step")
+    if e.kind == "nonfinite":
+        return f"non-finite {label}", f"at step {since}" + (f" ({f['value']} steps)" if f["value"] > 1 else "")
+    if f.get("replicated"):
+        if e.group is not None and any(len(g) > 1 for g in e.group):
+            return label, f"bit-identical within each group, different between, on {f['steps']}/{f['of']} steps (exact)"
+        if f["unit"].startswith(("relative", "difference")):
+            amount = f"{abs(f['value']) * 100:.3g} %" if f["unit"].startswith("relative") else f"{abs(f['value']):.3g}"
+            word = "above" if f["value"] > 0 else "below"
+            return label, f"{amount} {word} the (bit-identical) other ranks on {f['steps']}/{f['of']} steps (exact)"
+        more = f" and at {f['steps'] - 1} more step(s)" if f["steps"] > 1 else ""
+        return label, f"left its bit-identical replicas at step {since}{more} (exact: impossible for replicas)"
+    if e.kind == "transient":
+        more = f", {f['steps']} steps" if f["steps"] > 1 else ""
+        return label, (f"spike at step {f['peak_step']} (robust z = {f['value']:+.3g}{more}; "
+                       f"other steps ≤ {f['reference']:.2g}; a rule, no exact p)")
+    if e.metric in ("pairwise_cos", "deviations"):
+        return label, f"{f['within']:.2g} within vs {f['between']:.2g} between the groups ({_p(e.p_value)})"
+    value = f["value"]
+    amount = f"{abs(value) * 100:.3g} %" if f["unit"].startswith("relative") else f"{abs(value):.3g}"
+    span = f" on {f['steps']}/{f['of']} steps" + (f" from step {since}" if f["of"] < v.steps else "")
+    if e.group is not None:
+        a, b = (", ".join(map(str, g)) for g in e.group)
+        if value < 0:  # say it the way round that reads as "higher"
+            a, b = b, a
+            amount = f"{(1 / (1 + value) - 1) * 100:.3g} %" if f["unit"].startswith("relative") else amount
+        return label, f"{amount} higher on rank(s) {a} than on {b}{span} ({_p(e.p_value)})"
+    word = "above" if value > 0 else "below"
+    return label, f"{amount} {word} the other ranks{span} ({_p(e.p_value)})"
+
+
+def _divergence(div: list["Evidence"]) -> str:
+    f = div[0].effect
+    last = f" (last in sync at step {f['last_in_sync']})" if f.get("last_in_sync") is not None else ""
+    if div[0].rank is not None:
+        ranks = [e.rank for e in div]
+        who = f"rank {ranks[0]}'s" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks)) + "'"
+        return f"{who} weights left the others at step {f['since_step']}{last}"
+    groups = " | ".join("{" + ", ".join(map(str, g)) + "}" for g in div[0].group or [])
+    return f"the ranks' weights split into {groups} at step {f['since_step']}{last} (no majority: not attributable)"

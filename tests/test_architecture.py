@@ -38,7 +38,7 @@ def test_top_level_holds_only_rooms_and_entry_points() -> None:
 
 
 def test_no_import_cycle_among_testbed_modules() -> None:
-    graph = grimp.build_graph("testbed")
+    graph = grimp.build_graph("testbed", exclude_type_checking_imports=True)  # annotations only: no runtime cycle
     modules = sorted(m for m in graph.modules if m.startswith("testbed"))
     state: dict[str, int] = {}  # 1 = on the stack, 2 = done
     cycles: list[list[str]] = []

@@ -94,7 +94,25 @@ def test_bounds_use_mean_after_warmup_peak_and_final() -> None:
     assert not f.passed and f.step == 1 and f.rank is None and "0.0909" in f.message and "> 0.08" in f.message  # a tie
     final = exp({"min_cos_mean": {"limit": 0.6, "statistic": "final"}})
     f = next(f for f in evaluate(final, RunData(rows)) if f.check == "min_cos_mean")
-    assert not f.passed and f.step == 2 and f.rank == 1 and math.isclose(f.actual, 0.55)
+    # two ranks: the verdict (the one outlier rule) detects but does not attribute, so no rank is named
+    assert not f.passed and f.step == 2 and f.rank is None and math.isclose(f.actual, 0.55)
+
+
+def test_a_failing_bound_names_the_verdicts_suspect_and_verdict_expectations_are_checked() -> None:
+    rows = [row(0, [1.0, 3.0]), row(1, [1.0, 1.2])]
+    named = {"status": "inconsistent", "ranks": [1], "groups": None, "since_step": 0, "alpha": 0.01,
+             "evidence": [], "steps": 2, "headline": "INCONSISTENT — rank 1"}
+    run = RunData(rows, recorded_verdict=named)
+    f = next(f for f in evaluate(exp({"max_loss_cv": 0.08}), run) if f.check == "max_loss_cv")
+    assert not f.passed and f.rank == 1 and "rank 1" in f.message
+    found = {f.check: f for f in evaluate(exp({"verdict": "inconsistent", "suspects": [1]}), run)}
+    assert found["verdict"].passed
+    found = {f.check: f for f in evaluate(exp({"verdict": "consistent", "suspects": [2]}), run)}
+    assert not found["verdict"].passed and "expected verdict 'consistent' and suspects [2]" in found["verdict"].message
+    with pytest.raises(ScenarioError, match="expect.verdict"):
+        exp({"verdict": "fine"})
+    with pytest.raises(ScenarioError, match="expect.suspects"):
+        exp({"suspects": [1, 1]})
 
 
 def test_nonfinite_and_failed_run_are_failures_not_crashes() -> None:

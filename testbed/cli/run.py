@@ -9,7 +9,8 @@ from typing import Any
 from testbed.cli.common import EXIT_FAILED, EXIT_OK, add_override_arguments, overrides_of
 from testbed.diagnose.summary import format_table, summarize
 from testbed.engine import launch_plan
-from testbed.record.files import EVENTS_FILE, default_run_dir, read_jsonl, read_metrics
+from testbed.diagnose.verdict import verdict_record
+from testbed.record.files import EVENTS_FILE, RUN_FILE, default_run_dir, read_json, read_jsonl, read_metrics
 from testbed.scenario.spec import load_scenario
 
 #: the embedded default scenario (``testbed run`` with no argument)
@@ -31,6 +32,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         result = launch(scenario, out_dir)
     rows = read_metrics(out_dir)
+    verdict = _recorded_verdict(out_dir, rows, scenario.world_size)
+    print(f"verdict: {verdict['headline']}")
     print(format_table(summarize(rows)))
     if result.ok:
         bad = [e for e in read_jsonl(out_dir / EVENTS_FILE) if str(e.get("event", "")).startswith("nonfinite")]
@@ -46,6 +49,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(result.traceback, file=sys.stderr)
     print(f"{len(rows)} completed step(s) kept in {out_dir}/metrics.jsonl", file=sys.stderr)
     return EXIT_FAILED
+
+
+def _recorded_verdict(out_dir: Path, rows: list[dict[str, Any]], world_size: int) -> dict[str, Any]:
+    """The verdict the launcher wrote into run.json (computed here only if the record lacks it)."""
+    try:
+        recorded = read_json(out_dir / RUN_FILE).get("verdict")
+    except (OSError, ValueError):
+        recorded = None
+    return recorded if isinstance(recorded, dict) and "headline" in recorded else \
+        verdict_record(rows, world_size=world_size)
 
 
 def add_subcommand(subparsers: Any) -> None:

@@ -10,6 +10,6 @@ simulated streams without processes.
 from __future__ import annotations
 
 from testbed.diagnose.sequential import Alarm, SequentialTest
-from testbed.diagnose.verdict import Evidence, Verdict, diagnose
+from testbed.diagnose.verdict import Evidence, Verdict, diagnose, verdict_record
 
-__all__ = ["Alarm", "Evidence", "SequentialTest", "Verdict", "diagnose"]
+__all__ = ["Alarm", "Evidence", "SequentialTest", "Verdict", "diagnose", "verdict_record"]

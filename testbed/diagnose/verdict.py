@@ -79,6 +79,11 @@ class Verdict:
     def headline(self) -> str:
         return headline(self)
 
+    def to_record(self) -> Row:
+        """What ``run.json["verdict"]`` holds: the contract (``to_json``) plus the one-line reading
+        and the notes, so readers of a record need not recompute anything."""
+        return {**self.to_json(), "headline": self.headline(), "notes": list(self.notes)}
+
     @property
     def min_p(self) -> float:
         """Smallest Holm-adjusted p of the permutation tests (1.0 if none ran)."""
@@ -364,3 +369,14 @@ def _divergence_evidence(rows: Sequence[Row], n: int) -> tuple[list[Evidence], l
     if reference != "majority" or not ranks:
         return [Evidence("weight_checksum", "divergence", effect, 0.0, group=split or [[r] for r in range(n)])], groups
     return [Evidence("weight_checksum", "divergence", effect, 0.0, rank=r) for r in ranks], groups
+
+
+def verdict_record(rows: Sequence[Row], *, world_size: int | None = None, alpha: float = 0.01) -> Row:
+    """``diagnose(rows).to_record()``, never raising: a verdict that cannot be computed says why
+    (``status: "unknown"``) instead of costing the run its record."""
+    try:
+        return diagnose(rows, alpha=alpha, world_size=world_size).to_record()
+    except Exception as e:  # noqa: BLE001 - the record matters more than the judgement
+        return {"status": "unknown", "ranks": [], "groups": None, "since_step": None, "alpha": alpha,
+                "evidence": [], "steps": len(rows), "headline": f"no verdict: {type(e).__name__}: {e}",
+                "notes": []}

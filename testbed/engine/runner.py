@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from testbed.diagnose.verdict import verdict_record
 from testbed.record.files import (EVENTS_FILE, METRICS_FILE, RUN_FILE, environment, read_json, read_jsonl,
-                            write_json_atomic)
+                                  read_metrics, write_json_atomic)
 from testbed.scenario.spec import Scenario
 
 GRACE_S = 10.0  # how long peers of a failed rank get to write their own reports
@@ -141,6 +142,8 @@ def finish_record(out_dir: Path, run: dict[str, Any], result: RunResult) -> None
         "wall_time_s": result.wall_time_s,
         "rank_reports": result.rank_reports,
         "nonfinite": {"count": len(bad), "first": bad[0] if bad else None},
+        # over the completed steps, also of a failed run (docs/diagnosis.md)
+        "verdict": verdict_record(read_metrics(out_dir), world_size=run.get("scenario", {}).get("world_size")),
     })
     write_json_atomic(out_dir / RUN_FILE, run)
 

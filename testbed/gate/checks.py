@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from testbed.diagnose.verdict import verdict_record
 from testbed.record.files import EVENTS_FILE, RUN_FILE, read_jsonl, read_metrics
 from testbed.scenario.expect import Bound, Expectations, is_int, is_number
 
@@ -42,6 +43,14 @@ class RunData:
     reason: str = ""
     failed_rank: int | None = None
     failed_step: int | None = None
+    recorded_verdict: Row | None = None  # run.json["verdict"]; computed from the rows when absent
+
+    @property
+    def verdict(self) -> Row:
+        """The run's verdict (docs/diagnosis.md): the recorded one, else computed from the rows."""
+        if self.recorded_verdict is None:
+            object.__setattr__(self, "recorded_verdict", verdict_record(self.rows))
+        return self.recorded_verdict  # type: ignore[return-value]
 
     @staticmethod
     def load(run_dir: Path) -> "RunData":
@@ -51,7 +60,8 @@ class RunData:
         except (OSError, ValueError) as e:
             run = {"status": "failed", "reason": f"no readable {RUN_FILE} in {run_dir} ({e})"}
         return RunData(read_metrics(run_dir), read_jsonl(run_dir / EVENTS_FILE), run.get("status") == "ok",
-                       run.get("reason") or "", run.get("failed_rank"), run.get("failed_step"))
+                       run.get("reason") or "", run.get("failed_rank"), run.get("failed_step"),
+                       run.get("verdict") if isinstance(run.get("verdict"), dict) else None)
 
 
 
@@ -76,32 +86,21 @@ def statistic(points: Sequence[tuple[int, float]], stat: str, worst: str) -> tup
     return points[-1][1], points[-1][0]
 
 
-def outlier_rank(row: Row, metric: str) -> int | None:
-    """The rank furthest from the others at this step, for the metric's family (None if n/a)."""
-    family = {"loss": "loss", "grad": "grad_norm", "cos": "cos_to_mean"}.get(metric.split("_")[0])
-    if metric.startswith("pairwise"):
-        family = "cos_to_mean"
-    values = row.get(family) if family else None
-    if not isinstance(values, list) or not values or not all(is_number(v) for v in values):
-        return None
-    if family == "cos_to_mean":
-        score = [-v for v in values]
-    else:
-        mean = sum(values) / len(values)
-        score = [abs(v - mean) for v in values]
-    order = sorted(range(len(values)), key=lambda r: score[r], reverse=True)
-    if len(order) > 1 and math.isclose(score[order[0]], score[order[1]], rel_tol=1e-9, abs_tol=1e-15):
-        return None  # a tie (always so for loss and norm with two ranks): no rank stands out
-    return order[0]
+def suspect_rank(run: RunData) -> int | None:
+    """The one rank the run's verdict names, if it names exactly one (the single outlier rule:
+    the verdict's; a failing bound's message points at it)."""
+    ranks = run.verdict.get("ranks") or []
+    return ranks[0] if len(ranks) == 1 else None
 
 
 def evaluate(exp: Expectations, run: RunData, reference: RunData | None = None,
              reference_name: str = "") -> list[Finding]:
     """Every expectation against one run; a failed run is always a failed finding."""
     findings = _check_status(exp, run)
-    by_step = {r.get("step"): r for r in run.rows}
     for b in exp.bounds:
-        findings.append(_check_bound(b, run.rows, by_step, exp.warmup_steps))
+        findings.append(_check_bound(b, run, exp.warmup_steps))
+    if exp.verdict is not None or exp.suspects is not None:
+        findings.append(_check_verdict(exp, run))
     if exp.no_nonfinite:
         findings.append(_check_nonfinite(run))
     if exp.weights_in_sync is not None:
@@ -129,13 +128,26 @@ def _check_status(exp: Expectations, run: RunData) -> list[Finding]:
     return out
 
 
-def _check_bound(b: Bound, rows: Sequence[Row], by_step: Mapping[Any, Row], warmup: int) -> Finding:
-    points = series(rows, b.metric, warmup)
+def _check_verdict(exp: Expectations, run: RunData) -> Finding:
+    v = run.verdict
+    status, ranks = v.get("status"), sorted(v.get("ranks") or [])
+    ok = (exp.verdict is None or status == exp.verdict) and (exp.suspects is None or ranks == list(exp.suspects))
+    want = " and ".join(x for x in (f"verdict {exp.verdict!r}" if exp.verdict else "",
+                                    f"suspects {list(exp.suspects)}" if exp.suspects is not None else "") if x)
+    msg = f"verdict {status!r}, suspects {ranks}" + ("" if ok else f"; expected {want}") + f" — {v.get('headline', '')}"
+    rank = ranks[0] if len(ranks) == 1 else None
+    return Finding("verdict", ok, msg, None, {"status": status, "ranks": ranks},
+                   {"status": exp.verdict, "ranks": list(exp.suspects) if exp.suspects is not None else None},
+                   None if ok else v.get("since_step"), None if ok else rank)
+
+
+def _check_bound(b: Bound, run: RunData, warmup: int) -> Finding:
+    points = series(run.rows, b.metric, warmup)
     if not points:
         return Finding(b.name, False, f"no finite {b.metric} value at steps >= {warmup}", b.metric, None, b.limit)
     value, step = statistic(points, b.statistic, b.kind)
     ok = value <= b.limit if b.kind == "max" else value >= b.limit
-    rank = outlier_rank(by_step.get(step, {}), b.metric)
+    rank = None if ok else suspect_rank(run)
     span = f"steps {points[0][0]}..{points[-1][0]}" if b.statistic != "final" else f"step {step}"
     op = ("<=" if ok else ">") if b.kind == "max" else (">=" if ok else "<")
     where = "" if ok else f" (worst at step {step}" + (f", rank {rank})" if rank is not None else ")")

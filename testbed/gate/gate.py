@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from testbed.gate import baseline as baselines
-from testbed.gate.checks import Finding, RunData, evaluate, outlier_rank, series, statistic
+from testbed.gate.checks import Finding, RunData, evaluate, series, statistic, suspect_rank
 from testbed.scenario.expect import Expectations, expectations_of
 from testbed.gate.outcome import Failure, Outcome
 from testbed.gate.expect_sweep import evaluate_sweep, load_sweep
@@ -92,8 +92,7 @@ def locate(exp: Expectations, result: RunData | Path, key: str) -> tuple[int | N
     if not points:
         return None, None, level or None
     _, step = statistic(points, "peak", "max" if baselines.BOUNDED_METRICS[metric] else "min")
-    row = next((r for r in run.rows if r.get("step") == step), {})
-    return step, outlier_rank(row, metric), level or None
+    return step, suspect_rank(run), level or None
 
 
 def _safe_levels(sweep_dir: Path) -> list[tuple[str, RunData | None, str]]:

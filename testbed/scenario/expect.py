@@ -15,6 +15,8 @@ the pytest plugin can fail a build when a change to the training stack moves it.
 - ``no_nonfinite`` (default **true**): a NaN/Inf flag or event on any rank is a failure.
 - ``run_status`` (default ``"ok"``): ``"failed"`` for fault scenarios whose run must fail, with
   optionally ``failed_rank``, the rank the failure report must name. Otherwise a failed run fails.
+- ``verdict``: the run's verdict status must be this (``"consistent"``, ``"inconsistent"``,
+  ``"diverged"``; see docs/diagnosis.md); ``suspects``: the verdict must name exactly these ranks.
 - ``metrics_equal_to``: another scenario file (relative to this one) whose ``metrics.jsonl``
   must be identical row for row (invariance scenarios, e.g. a straggler changes timing only).
 - ``dispersion_increases`` (sweeps only): a metric name or list; its statistic must not fall
@@ -43,7 +45,8 @@ DISPERSION_METRICS = ("loss_cv", "loss_std", "grad_norm_cv", "grad_norm_std", "c
                       "pairwise_cos_mean")
 STATISTICS = ("mean", "peak", "final")
 _PLAIN_KEYS = {"statistic", "warmup_steps", "weights_in_sync", "no_nonfinite", "metrics_equal_to",
-               "dispersion_increases", "dispersion_slack", "run_status", "failed_rank"}
+               "dispersion_increases", "dispersion_slack", "run_status", "failed_rank", "verdict", "suspects"}
+VERDICTS = ("consistent", "inconsistent", "diverged")
 Row = dict[str, Any]
 
 
@@ -71,6 +74,8 @@ class Expectations:
     dispersion_slack: float = 0.0
     run_status: str = "ok"
     failed_rank: int | None = None
+    verdict: str | None = None
+    suspects: tuple[int, ...] | None = None
 
 
 # --------------------------------------------------------------------------- validation
@@ -120,9 +125,17 @@ def parse_expect(raw: Any, source: str, *, steps: int, pairwise_every: int = 0, 
     if failed_rank is not None and (status != "failed" or not is_int(failed_rank) or failed_rank < 0):
         raise ScenarioError(source, where("failed_rank"), "a rank (integer >= 0), with run_status = 'failed'",
                             failed_rank)
+    verdict = raw.get("verdict")
+    if verdict is not None and verdict not in VERDICTS:
+        raise ScenarioError(source, where("verdict"), " | ".join(repr(v) for v in VERDICTS), verdict)
+    suspects = raw.get("suspects")
+    if suspects is not None and (not isinstance(suspects, list) or not all(is_int(r) and r >= 0 for r in suspects)
+                                 or len(set(suspects)) != len(suspects)):
+        raise ScenarioError(source, where("suspects"), "a list of distinct ranks (integers >= 0), e.g. [3]", suspects)
     return Expectations(tuple(bounds), warmup, statistic, flags["weights_in_sync"],
                         True if flags["no_nonfinite"] is None else flags["no_nonfinite"],
-                        reference, increases, float(slack), status, failed_rank)
+                        reference, increases, float(slack), status, failed_rank,
+                        verdict, tuple(sorted(suspects)) if suspects is not None else None)
 
 
 def validate_expect(raw: Any, source: str, *, steps: int, pairwise_every: int, weight_check_every: int,

@@ -122,3 +122,11 @@ def _divergence(div: list["Evidence"]) -> str:
         return f"{who} weights left the others at step {f['since_step']}{last}"
     groups = " | ".join("{" + ", ".join(map(str, g)) + "}" for g in div[0].group or [])
     return f"the ranks' weights split into {groups} at step {f['since_step']}{last} (no majority: not attributable)"
+
+
+def verdict_cell(verdict: dict[str, Any]) -> str:
+    """``inconsistent [3]`` / ``consistent`` / ``inconsistent groups [0, 1] | [2, 3]`` — a table cell."""
+    status = str(verdict.get("status", "unknown"))
+    if verdict.get("groups"):
+        return f"{status} groups " + " | ".join(str(g) for g in verdict["groups"])
+    return f"{status} {verdict['ranks']}" if verdict.get("ranks") else status

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping, TextIO
 
 from testbed.diagnose.summary import summarize
+from testbed.diagnose.text import verdict_cell
 from testbed.record.files import RUN_FILE, default_run_dir, dumps, read_json, read_metrics, write_json_atomic
 from testbed.scenario.errors import ScenarioError
 from testbed.scenario.overrides import set_dotted
@@ -158,19 +159,21 @@ def run_sweep(path: Path, out_dir: Path | None, overrides: Mapping[str, Any] | N
 def results_table(out_dir: Path, levels: list[Level], status: Mapping[int, str]) -> str:
     """Level → mean loss CV, mean grad-norm CV, mean cosine, weights in sync, wall time."""
     lines = [f"{'level':<6}{'label':<14}{'status':<9}{'loss_cv':>10}{'grad_norm_cv':>14}{'cos_mean':>10}"
-             f"{'weights_in_sync':>17}{'wall_s':>8}"]
+             f"{'weights_in_sync':>17}{'wall_s':>8}  verdict"]
     for lv in levels:
         run_dir = out_dir / lv.run_dir
         summary = summarize(read_metrics(run_dir)) if run_dir.exists() else {}
         try:
-            wall = f"{read_json(run_dir / RUN_FILE).get('wall_time_s') or 0:.1f}"
+            run = read_json(run_dir / RUN_FILE)
+            wall = f"{run.get('wall_time_s') or 0:.1f}"
         except (OSError, ValueError):
-            wall = "-"
+            run, wall = {}, "-"
+        verdict = verdict_cell(run["verdict"]) if isinstance(run.get("verdict"), dict) else "-"
 
         def mean(key: str) -> str:
             return f"{summary[key]['mean']:.4g}" if key in summary else "-"
 
         lines.append(f"{lv.index:<6}{lv.label[:13]:<14}{status[lv.index]:<9}{mean('loss_cv'):>10}"
                      f"{mean('grad_norm_cv'):>14}{mean('cos_mean'):>10}"
-                     f"{str(summary.get('weights_in_sync', '-')):>17}{wall:>8}")
+                     f"{str(summary.get('weights_in_sync', '-')):>17}{wall:>8}  {verdict}")
     return "\n".join(lines)

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from testbed.diagnose.attribution import describe as describe_outlier
+from testbed.diagnose.text import verdict_cell
+from testbed.diagnose.verdict import verdict_record
 from testbed.record.files import METRICS_FILE, RUN_FILE, read_json, read_metrics, write_json_atomic
 from testbed.diagnose.summary import SUMMARY_METRICS, summarize
 
@@ -33,6 +35,7 @@ class RunData:
     status: str
     summary: dict[str, Any]
     level: dict[str, Any] | None = None  # its entry in sweep.json, if it is a sweep level
+    verdict: dict[str, Any] = field(default_factory=dict)  # run.json["verdict"] (docs/diagnosis.md)
 
 
 @dataclass
@@ -51,7 +54,10 @@ def load_run(run_dir: Path, label: str | None = None, level: dict[str, Any] | No
     meta = read_json(run_dir / RUN_FILE) if (run_dir / RUN_FILE).exists() else {}
     name = label or meta.get("scenario", {}).get("name") or run_dir.name
     status = (level or {}).get("status") or meta.get("status", "unknown")
-    return RunData(name, run_dir, rows, status, summarize(rows), level)
+    verdict = meta.get("verdict") if isinstance(meta.get("verdict"), dict) else None
+    world_size = meta.get("scenario", {}).get("world_size")
+    return RunData(name, run_dir, rows, status, summarize(rows), level,
+                   verdict or verdict_record(rows, world_size=world_size))
 
 
 def load_sweep(sweep_dir: Path) -> SweepData:
@@ -95,6 +101,7 @@ def level_table(sweep: SweepData) -> list[dict[str, Any]]:
         for key in LEVEL_COLUMNS:
             entry[key] = run.summary.get(key, {}).get("mean")
         entry["weights_in_sync"] = run.summary.get("weights_in_sync")
+        entry["verdict"] = verdict_cell(run.verdict)
         entry["outlier"] = describe_outlier(run.summary["outlier"]) if "outlier" in run.summary else ""
         table.append(entry)
     return table
@@ -102,11 +109,12 @@ def level_table(sweep: SweepData) -> list[dict[str, Any]]:
 
 def format_level_table(table: Sequence[dict[str, Any]]) -> str:
     """The level table for the terminal (means over each run's recorded steps)."""
-    head = f"{'level':<22}{'mean loss CV':>14}{'grad-norm CV':>14}{'mean cosine':>13}{'in sync':>9}"
+    head = f"{'level':<22}{'mean loss CV':>14}{'grad-norm CV':>14}{'mean cosine':>13}{'in sync':>9}  verdict"
     lines = [head]
     for e in table:
         cells = [f"{_num(e.get(k)):>{w}}" for k, w in (("loss_cv", 14), ("grad_norm_cv", 14), ("cos_mean", 13))]
-        lines.append(f"{str(e['label'])[:21]:<22}{''.join(cells)}{str(e.get('weights_in_sync')):>9}")
+        lines.append(f"{str(e['label'])[:21]:<22}{''.join(cells)}{str(e.get('weights_in_sync')):>9}  "
+                     f"{e.get('verdict', '')}")
     return "\n".join(lines)
 
 
@@ -184,7 +192,8 @@ def summary_html(run: RunData) -> str:
     s = run.summary
     cells = "".join(f"<tr><td>{k}</td><td>{_num(s[k]['final'])}</td><td>{_num(s[k]['peak'])}</td>"
                     f"<td>{_num(s[k]['mean'])}</td></tr>" for k in SUMMARY_METRICS if k in s)
-    notes = [f"status: {html.escape(run.status)}", f"steps recorded: {s['steps_recorded']}"]
+    notes = [f"<b>verdict: {html.escape(str(run.verdict.get('headline', run.verdict.get('status'))))}</b>",
+             f"status: {html.escape(run.status)}", f"steps recorded: {s['steps_recorded']}"]
     if "weights_in_sync" in s:
         sync = "yes" if s["weights_in_sync"] else (
             f"NO — first divergence at step {s['first_weight_divergence_step']}, rank(s) "
@@ -201,10 +210,11 @@ def summary_html(run: RunData) -> str:
 
 def level_html(sweep: SweepData, table: Sequence[dict[str, Any]]) -> str:
     head = "".join(f"<th>{h}</th>" for h in ("#", "level", "value", "status", "steps", *LEVEL_COLUMNS,
-                                             "weights in sync", "outlier"))
+                                             "weights in sync", "verdict", "outlier"))
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
         e["index"], e["label"], e["value"], e["status"], e["steps"],
-        *(_num(e[k]) for k in LEVEL_COLUMNS), e["weights_in_sync"], e["outlier"])) + "</tr>" for e in table)
+        *(_num(e[k]) for k in LEVEL_COLUMNS), e["weights_in_sync"], e["verdict"], e["outlier"])) + "</tr>"
+        for e in table)
     missing = f"<p>levels without a record: {html.escape(', '.join(sweep.missing))}</p>" if sweep.missing else ""
     return (f"<h2>sweep: {html.escape(sweep.scenario)} over {html.escape(sweep.parameter)}</h2>"
             f"<p class=path>{html.escape(str(sweep.sweep_dir))} (source: {html.escape(sweep.source)}); "
@@ -240,7 +250,8 @@ def write_report(paths: Sequence[Path], out: Path) -> dict[str, Any]:
     if runs:
         pngs = run_figures(runs, out)
         record["figures"] += [p.name for p in pngs]
-        record["runs"] = [{"label": r.label, "run_dir": str(r.run_dir), "summary": r.summary} for r in runs]
+        record["runs"] = [{"label": r.label, "run_dir": str(r.run_dir), "verdict": r.verdict, "summary": r.summary}
+                          for r in runs]
         sections.append("<h2>runs</h2>" + "".join(summary_html(r) for r in runs) + "".join(map(image_html, pngs)))
     page = (f"<!doctype html><html><head><meta charset=utf-8><title>testbed report</title><style>{STYLE}</style>"
             f"</head><body><h1>testbed report</h1><p class=path>generated {time.strftime('%Y-%m-%d %H:%M:%S')} from "

@@ -123,13 +123,17 @@ class ProgressDisplay:
         self.total, self.every_s, self.label = max(total, 1), every_s, label
         self.tty = self.stream.isatty() if tty is None else tty
         self.last_line, self.last_steps = time.monotonic(), -1
+        self.last_drawn: tuple[int, str] | None = None
         self.bar: Any = tqdm(total=self.total, file=self.stream, desc=label or "testbed", unit="step", leave=True,
                              bar_format="{desc} {bar:20} {n_fmt}/{total_fmt}{postfix}") if self.tty else None
 
     def update(self, s: Snapshot) -> None:
         if self.bar is not None:
-            self.bar.n = min(s.steps_done, self.total)
-            self.bar.set_postfix_str(describe(s, self.total), refresh=True)
+            text = describe(s, self.total)
+            if (s.steps_done, text) != self.last_drawn:  # redraw on news only
+                self.last_drawn = (s.steps_done, text)
+                self.bar.n = min(s.steps_done, self.total)
+                self.bar.set_postfix_str(text, refresh=True)
             return
         now = time.monotonic()
         if now - self.last_line >= self.every_s and s.steps_done != self.last_steps:

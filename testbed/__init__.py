@@ -2,11 +2,12 @@
 from testbed.scenario.spec import Scenario, ScenarioError, load_scenario
 
 __version__ = "0.1.0"
-__all__ = ["Scenario", "ScenarioError", "load_scenario", "__version__", "attach", "Monitor"]  # + TestbedCallback (needs transformers)
+__all__ = ["Scenario", "ScenarioError", "load_scenario", "__version__", "attach", "Monitor"]  # + TestbedCallback (needs transformers), TestbedLightningCallback (lightning)
 
 # The drop-in monitor, imported on first use: ``import testbed`` stays light (no torch.distributed,
 # no transformers - TestbedCallback needs transformers, the rest does not).
-_LAZY = {"attach": "testbed.integrations.monitor", "Monitor": "testbed.integrations.monitor", "TestbedCallback": "testbed.integrations.trainer_callback"}
+_LAZY = {"attach": "testbed.integrations.monitor", "Monitor": "testbed.integrations.monitor", "TestbedCallback": "testbed.integrations.trainer_callback",
+         "TestbedLightningCallback": "testbed.integrations.lightning_callback"}  # needs the lightning extra
 
 
 def __getattr__(name: str) -> object:

@@ -2,7 +2,6 @@
 and one real end-to-end ladder on 2 ranks, interrupted and resumed."""
 from __future__ import annotations
 
-import io
 import json
 import tomllib
 from pathlib import Path
@@ -108,18 +107,6 @@ def test_default_labels_and_level_selection() -> None:
     assert [lv.index for lv in sweep.select_levels(levels, ["0,1"], "f")] == [0, 1]
     with pytest.raises(ScenarioError, match="--levels"):
         sweep.select_levels(levels, ["9"], "f")
-
-
-def test_progress_bar_only_redraws_on_a_terminal() -> None:
-    (level, *_) = sweep.build_levels(ladder(), "<memory>", parse_scenario)
-    for tty in (True, False):
-        out = io.StringIO()
-        bar = sweep_run.Progress(6, out, tty=tty)
-        bar.draw(level, 1, 2, 2)
-        bar.line("done")
-        text = out.getvalue()
-        assert ("[##########" in text and "33%" in text) == tty
-        assert text.endswith("done\n")
 
 
 # ---- resume logic with a fake launcher (no processes) ----------------------------------------

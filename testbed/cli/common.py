@@ -1,4 +1,5 @@
-"""What every subcommand shares: exit codes and the ``--set`` / ``--steps`` / ``--world-size`` options."""
+"""What every subcommand shares: exit codes, the ``--set`` / ``--steps`` / ``--world-size`` options and
+the live-progress options (``--progress-every``, ``--no-progress``)."""
 from __future__ import annotations
 
 import argparse
@@ -20,3 +21,10 @@ def overrides_of(args: argparse.Namespace) -> dict[str, object]:
     """The dotted overrides the command line asked for."""
     return parse_overrides(getattr(args, "set", None), steps=getattr(args, "steps", None),
                            world_size=getattr(args, "world_size", None))
+
+
+def add_progress_arguments(parser: Any) -> None:
+    """Live progress while the ranks run (engine/progress.py): a bar on a terminal, lines elsewhere."""
+    parser.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS",
+                        help="off a terminal, print a progress line at most this often (default 10)")
+    parser.add_argument("--no-progress", action="store_true", help="no live progress")

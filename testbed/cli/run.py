@@ -6,11 +6,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from testbed.cli.common import EXIT_FAILED, EXIT_OK, add_override_arguments, overrides_of
+from testbed.cli.common import EXIT_FAILED, EXIT_OK, add_override_arguments, add_progress_arguments, overrides_of
 from testbed.diagnose.summary import format_table, summarize
 from testbed.engine import launch_plan
 from testbed.diagnose.verdict import verdict_record
 from testbed.record.files import EVENTS_FILE, RUN_FILE, default_run_dir, read_json, read_jsonl, read_metrics
+from testbed.engine.progress import watch_run
 from testbed.scenario.spec import load_scenario
 
 #: the embedded default scenario (``testbed run`` with no argument)
@@ -27,10 +28,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out) if args.out else default_run_dir(scenario.name)
     print(f"testbed: running {scenario.name!r}: {scenario.world_size} ranks × {scenario.steps} steps "
           f"({scenario.model.kind} / {scenario.data.kind}, {scenario.optim.kind}) → {out_dir}", flush=True)
-    if getattr(args, "launcher", "spawn") == "torchrun":
-        result = launch_plan.launch_torchrun(scenario, scenario_path, out_dir, args)
-    else:
-        result = launch(scenario, out_dir)
+    with watch_run(out_dir, scenario.steps, every_s=getattr(args, "progress_every", 10.0),
+                   enabled=not getattr(args, "no_progress", False)):  # stderr; only reads rank 0's files
+        if getattr(args, "launcher", "spawn") == "torchrun":
+            result = launch_plan.launch_torchrun(scenario, scenario_path, out_dir, args)
+        else:
+            result = launch(scenario, out_dir)
     rows = read_metrics(out_dir)
     verdict = _recorded_verdict(out_dir, rows, scenario.world_size)
     print(f"verdict: {verdict['headline']}")
@@ -67,5 +70,6 @@ def add_subcommand(subparsers: Any) -> None:
                      help="scenario file (default: the embedded default scenario)")
     run.add_argument("--out", help="run directory (default: runs/<name>-<timestamp>)")
     add_override_arguments(run)
+    add_progress_arguments(run)
     launch_plan.add_arguments(run)
     run.set_defaults(func=cmd_run)

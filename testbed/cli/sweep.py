@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from testbed.cli.common import EXIT_FAILED, EXIT_OK, add_override_arguments, overrides_of
+from testbed.cli.common import EXIT_FAILED, EXIT_OK, add_override_arguments, add_progress_arguments, overrides_of
 from testbed.engine.sweep import results_table, run_sweep
 from testbed.scenario.sweep import SWEEP_FILE, select_levels
 
@@ -14,7 +14,8 @@ from testbed.scenario.sweep import SWEEP_FILE, select_levels
 def cmd_sweep(args: argparse.Namespace) -> int:
     started = time.monotonic()
     out_dir, levels, status = run_sweep(args.scenario, Path(args.out) if args.out else None,
-                                        overrides_of(args), args.levels)
+                                        overrides_of(args), args.levels, every_s=args.progress_every,
+                                        progress=not args.no_progress)
     selected = select_levels(levels, args.levels, str(args.scenario))
     print(results_table(out_dir, levels, status))
     ok = all(status[lv.index] == "ok" for lv in selected)
@@ -29,4 +30,5 @@ def add_subcommand(subparsers: Any) -> None:
     p.add_argument("--out", help="sweep directory (default: runs/<name>-sweep-<timestamp>); reuse it to resume")
     p.add_argument("--levels", nargs="+", metavar="LEVEL", help="run only these levels (indices or labels)")
     add_override_arguments(p, "override a field of every level")
+    add_progress_arguments(p)
     p.set_defaults(func=cmd_sweep)

@@ -58,6 +58,8 @@ def gather_row(acc: BucketAccumulator | None, loss: torch.Tensor | float, *, ste
         mean_norm = row["mean_grad_norm"]
         terms = noise_scale_terms(table[:, 1], mean_norm**2, batch_size) if batch_size and mean_norm is not None else None
         row["noise_scale"] = noise.update(terms) if batch_size else None
+        if batch_size and row["noise_scale"] is None:  # EMA |G|² <= 0, or no estimate yet (docs/metrics.md)
+            row["flags"].append({"rank": None, "kind": "noise_scale_undefined"})
     if acc is not None and acc.gram is not None:
         matrix = pairwise_cosine(acc.gram.cpu().numpy())
         row["pairwise_cos"] = matrix

@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import threading
-import time
 import tomllib
 from pathlib import Path
 from typing import Any, Mapping, TextIO
 
 from testbed.diagnose.summary import summarize
 from testbed.diagnose.text import verdict_cell
+from testbed.engine.progress import watch_run
 from testbed.record.files import RUN_FILE, default_run_dir, dumps, read_json, read_metrics, write_json_atomic
 from testbed.scenario.errors import ScenarioError
 from testbed.scenario.overrides import set_dotted
@@ -64,70 +63,30 @@ def write_sweep_json(out_dir: Path, base: Scenario, params: list[str], levels: l
     })
 
 
-class Progress:
-    """A one-line progress bar on a terminal; plain start/end lines elsewhere (logs, CI)."""
-
-    def __init__(self, total_steps: int, stream: TextIO | None = None, tty: bool | None = None):
-        stream = stream or sys.stderr
-        self.total, self.done, self.stream = max(total_steps, 1), 0, stream
-        self.tty = stream.isatty() if tty is None else tty
-        self.started = time.monotonic()
-
-    def line(self, text: str) -> None:
-        self.stream.write(("\r\033[K" if self.tty else "") + text + "\n")
-        self.stream.flush()
-
-    def draw(self, level: Level, count: int, of: int, step: int) -> None:
-        if not self.tty:
-            return
-        frac = min((self.done + step) / self.total, 1.0)
-        elapsed = time.monotonic() - self.started
-        eta = f"{elapsed / frac - elapsed:4.0f}s left" if frac > 0.02 else "   ...    "
-        bar = "#" * round(30 * frac) + "-" * (30 - round(30 * frac))
-        self.stream.write(f"\r[{bar}] {100 * frac:3.0f}%  level {count}/{of} {level.label!r} "
-                          f"step {step}/{level.scenario.steps}  {eta}\033[K")
-        self.stream.flush()
-
-
-def _steps_done(run_dir: Path) -> int:
-    try:
-        with open(run_dir / "timing.jsonl", "rb") as f:
-            return sum(1 for _ in f)
-    except OSError:
-        return 0
-
-
-def run_level(level: Level, out_dir: Path, progress: Progress, count: int, of: int) -> str:
-    """Launch one level (in this thread, so Ctrl-C reaches the launcher's cleanup); returns its status."""
+def run_level(level: Level, out_dir: Path, count: int, of: int, stream: TextIO, every_s: float = 10.0,
+              progress: bool = True) -> str:
+    """Launch one level (in this thread, so Ctrl-C reaches the launcher's cleanup) with its live
+    progress (engine/progress.py); returns its status."""
     from testbed.engine.runner import launch
 
     run_dir = out_dir / level.run_dir
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a stale or failed attempt: its append-only files must not mix in
-    progress.line(f"level {count}/{of} {level.label!r}: {level.scenario.world_size} ranks x "
-                  f"{level.scenario.steps} steps -> {run_dir}")
-    stop = threading.Event()
-
-    def watch() -> None:
-        while not stop.wait(0.5):
-            progress.draw(level, count, of, _steps_done(run_dir))
-
-    watcher = threading.Thread(target=watch, name="testbed-sweep-progress", daemon=True)
-    watcher.start()
-    try:
+    label = f"level {count}/{of} {level.label!r}"
+    stream.write(f"{label}: {level.scenario.world_size} ranks x {level.scenario.steps} steps -> {run_dir}\n")
+    with watch_run(run_dir, level.scenario.steps, stream=stream, every_s=every_s, label=label, enabled=progress):
         result = launch(level.scenario, run_dir)
-    finally:
-        stop.set()
-        watcher.join()
-    progress.done += level.scenario.steps
-    progress.line(f"level {count}/{of} {level.label!r}: {result.status} in {result.wall_time_s:.1f} s"
-                  + ("" if result.ok else f" - {result.reason}"))
+    stream.write(f"{label}: {result.status} in {result.wall_time_s:.1f} s" + ("" if result.ok else f" - {result.reason}")
+                 + f" (levels done: {count}/{of})\n")
+    stream.flush()
     return result.status
 
 
 def run_sweep(path: Path, out_dir: Path | None, overrides: Mapping[str, Any] | None = None,
-              only: list[str] | None = None, stream: TextIO | None = None) -> tuple[Path, list[Level], dict[int, str]]:
-    """Run (or resume) the sweep; returns the output directory, the levels and their statuses."""
+              only: list[str] | None = None, stream: TextIO | None = None, every_s: float = 10.0,
+              progress: bool = True) -> tuple[Path, list[Level], dict[int, str]]:
+    """Run (or resume) the sweep; returns the output directory, the levels and their statuses.
+    ``every_s`` / ``progress``: the live progress of each level (engine/progress.py)."""
     stream = stream or sys.stderr
     base, levels = load_levels(path, overrides)
     params = sweep_parameters(base.sweep, base.source)
@@ -144,10 +103,9 @@ def run_sweep(path: Path, out_dir: Path | None, overrides: Mapping[str, Any] | N
     for lv in selected:
         if status[lv.index] == "ok":
             stream.write(f"level {lv.index} {lv.label!r}: completed in an earlier run, skipped\n")
-    progress = Progress(sum(lv.scenario.steps for lv in todo), stream)
     for count, lv in enumerate(todo, 1):
         try:
-            status[lv.index] = run_level(lv, out_dir, progress, count, len(todo))
+            status[lv.index] = run_level(lv, out_dir, count, len(todo), stream, every_s, progress)
         except KeyboardInterrupt:
             status[lv.index] = "pending"  # not finished: a resume reruns it
             raise

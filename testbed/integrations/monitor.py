@@ -14,15 +14,23 @@ std / CV, cosine of each rank's gradient to the mean, ...) on every rank::
         optimizer.step(); optimizer.zero_grad()
         row = monitor.step(loss)            # every rank calls it; None on unmeasured steps
 
-With gradient accumulation (micro-batches under ``ddp_model.no_sync()``), call ``step`` once per
-optimizer step with the mean of the micro-batch losses: the hook only fires on the synchronising
-backward, so the metrics are those of the accumulated local gradient (docs/metrics.md).
+With gradient accumulation (micro-batches under ``ddp_model.no_sync()`` or with
+``ddp_model.require_backward_grad_sync = False``), call ``step`` once per optimizer step with the
+list of the micro-batch losses (``monitor.step([l1, l2])``; their mean is recorded): the hook only
+fires on the synchronising backward, so the metrics are those of the accumulated local gradient
+(docs/monitor.md). One loss after several training forwards is recorded as given, with a warning.
 Attach before the first backward; a model that already has a comm hook cannot take a second one.
+
+Alarms: ``monitor.alarm(kind, message)`` (and the built-in ones: weights diverged, a non-finite
+value) go to ``out_dir/events.jsonl``, the ``testbed`` logger, TensorBoard and every
+``monitor.on_alarm`` listener; ``monitor.on_row`` listeners get every row.
 """
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -31,10 +39,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from testbed.engine.hook import ConsistencyState, install
 from testbed.engine.gather import gather_row
 from testbed.engine.gather import weight_sync as _weight_sync
+from testbed.diagnose.summary import diverging_ranks
 from testbed.metrics.step import NoiseScaleEMA
-from testbed.record.files import METRICS_FILE, JsonlWriter
+from testbed.record.files import EVENTS_FILE, METRICS_FILE, JsonlWriter
 
 Row = dict[str, Any]
+Loss = torch.Tensor | float
+Listener = Callable[[Row], None]
+LOG = logging.getLogger("testbed")
 
 
 class Monitor:
@@ -42,7 +54,7 @@ class Monitor:
 
     def __init__(self, ddp_model: DDP, state: ConsistencyState, *, every: int = 1, pairwise_every: int = 0,
                  weight_check_every: int = 0, batch_size: int | None = None, noise_scale_ema: float = 0.9,
-                 out_dir: str | Path | None = None, keep_rows: bool = True):
+                 out_dir: str | Path | None = None, keep_rows: bool = True, tensorboard: str | Path | None = None):
         if every < 1 or pairwise_every < 0 or weight_check_every < 0:
             raise ValueError("attach needs every >= 1, pairwise_every >= 0 and weight_check_every >= 0")
         self.ddp, self.state = ddp_model, state
@@ -51,11 +63,20 @@ class Monitor:
         self.noise = NoiseScaleEMA(noise_scale_ema)
         self.device = next(ddp_model.parameters()).device
         self.rank = dist.get_rank(state.process_group)
-        self.writer = JsonlWriter(Path(out_dir) / METRICS_FILE) if out_dir is not None and self.rank == 0 else None
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.writer = JsonlWriter(self.out_dir / METRICS_FILE) if self.out_dir is not None and self.rank == 0 else None
         self.keep_rows = keep_rows
         self.rows: list[Row] = []
         self.step_index = 0
         self._measuring = self._pairwise = False
+        self.on_row: list[Listener] = []  # called with every row, on every rank
+        self.on_alarm: list[Listener] = []  # called with every alarm event, on every rank
+        self.tensorboard = _tensorboard_sink(tensorboard) if tensorboard is not None and self.rank == 0 else None
+        self._events: JsonlWriter | None = None
+        self._alarmed: set[str] = set()
+        self._forwards, self._warned_accum = 0, False
+        # Counts training forwards between steps: several with one loss given = accumulation, warned.
+        self._forward_hook: Any = ddp_model.register_forward_pre_hook(self._count_forward)
         self.begin_step()
 
     def begin_step(self) -> None:
@@ -64,35 +85,108 @@ class Monitor:
         self._measuring = k % self.every == 0
         self._pairwise = self.pairwise_every > 0 and k % self.pairwise_every == 0
         self.state.begin_step(self._measuring, self._pairwise, device=self.device)
+        self._forwards = 0
 
-    def end_step(self, loss: torch.Tensor | float) -> Row | None:
-        """Close the step: gather the per-rank scalars (one small collective) and build the row."""
+    def end_step(self, loss: Loss | Sequence[Loss], extra: dict[str, Any] | None = None) -> Row | None:
+        """Close the step: gather the per-rank scalars (one small collective) and build the row.
+
+        ``loss``: this rank's loss, or the list of its micro-batch losses (their mean is recorded).
+        ``extra`` fields (e.g. the Trainer's ``global_step``) go into the row before it is written.
+        """
         step = self.step_index
         self.step_index += 1
+        local_loss = self._local_loss(loss)
         check_weights = self.weight_check_every > 0 and (step + 1) % self.weight_check_every == 0
         if not (self._measuring or check_weights):
             return None
-        row = gather_row(self.state.acc, loss, step=step, measure=self._measuring, device=self.device,
+        row = gather_row(self.state.acc, local_loss, step=step, measure=self._measuring, device=self.device,
                          world_size=self.state.world_size, batch_size=self.batch_size, noise=self.noise,
                          group=self.state.process_group)
+        row.update(extra or {})
         if check_weights:
             row.update(weight_sync(self.ddp, self.state.process_group))
         if self.keep_rows:
             self.rows.append(row)
         if self.writer is not None:
             self.writer.write(row)
+        if self.tensorboard is not None:
+            self.tensorboard.write_row(row)
+        for listener in self.on_row:
+            listener(row)
+        self._builtin_alarms(row)
         return row
 
-    def step(self, loss: torch.Tensor | float) -> Row | None:
+    def step(self, loss: Loss | Sequence[Loss], extra: dict[str, Any] | None = None) -> Row | None:
         """``end_step(loss)`` and arm the next step: the one call a plain training loop needs."""
-        row = self.end_step(loss)
+        row = self.end_step(loss, extra)
         self.begin_step()
         return row
+
+    def alarm(self, kind: str, message: str, *, step: int | None = None, ranks: Sequence[int] | None = None,
+              **details: Any) -> Row:
+        """Raise an alarm; call it on every rank, like ``step``. Rank 0 appends it to
+        ``out_dir/events.jsonl``, logs a warning on the ``testbed`` logger and writes it to
+        TensorBoard; every rank passes it to the ``on_alarm`` listeners (e.g. the Trainer's logs).
+        The hook point for detectors such as the verdict's sequential test."""
+        event: Row = {"step": self.step_index - 1 if step is None else step, "event": "alarm", "kind": kind,
+                      "message": message, "ranks": list(ranks) if ranks is not None else None, **details}
+        if self.rank == 0:
+            if self.out_dir is not None:
+                self._events = self._events or JsonlWriter(self.out_dir / EVENTS_FILE)
+                self._events.write(event)
+            LOG.warning("testbed alarm at step %s: %s: %s", event["step"], kind, message)
+            if self.tensorboard is not None:
+                self.tensorboard.write_alarm(event)
+        for listener in self.on_alarm:
+            listener(event)
+        return event
+
+    def _builtin_alarms(self, row: Row) -> None:
+        """Once per kind: the replicas' weights diverged; a non-finite loss or gradient appeared."""
+        if row.get("weights_in_sync") is False and "weights_diverged" not in self._alarmed:
+            self._alarmed.add("weights_diverged")
+            ranks, reference = diverging_ranks(row.get("weight_checksum", []))
+            self.alarm("weights_diverged", f"the replicas' weights differ (ranks {ranks} vs {reference}): "
+                       "the job is no longer data parallel", step=row["step"], ranks=ranks)
+        bad = [f for f in row.get("flags", []) if str(f.get("kind", "")).startswith("nonfinite")]
+        if bad and "nonfinite" not in self._alarmed:
+            self._alarmed.add("nonfinite")
+            what = ", ".join(f"{f['kind']} on rank {f['rank']}" for f in bad)
+            self.alarm("nonfinite", f"non-finite values: {what}", step=row["step"],
+                       ranks=sorted({f["rank"] for f in bad if f["rank"] is not None}))
+
+    def _count_forward(self, module: torch.nn.Module, args: Any) -> None:
+        if module.training and torch.is_grad_enabled():
+            self._forwards += 1
+
+    def _local_loss(self, loss: Loss | Sequence[Loss]) -> torch.Tensor:
+        """One float64 value: the loss, or the mean of the micro-batch losses."""
+        if isinstance(loss, (list, tuple)):
+            if not loss:
+                raise ValueError("monitor.step got an empty list of micro-batch losses")
+            return torch.stack([_scalar(x, self.device) for x in loss]).mean()
+        if self._forwards > 1 and not self._warned_accum:
+            self._warned_accum = True
+            warnings.warn(f"testbed monitor: one loss for a step of {self._forwards} training forwards (gradient "
+                          "accumulation?); it is recorded as given. Pass the micro-batch losses, "
+                          "monitor.step([loss_1, ..., loss_k]), to record their mean (docs/monitor.md)", stacklevel=3)
+        return _scalar(loss, self.device)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        self._close_extras()
+
+    def _close_extras(self) -> None:
+        """The alarm file, the TensorBoard writer and the forward counter (idempotent)."""
+        for closable in (self._events, self.tensorboard):
+            if closable is not None:
+                closable.close()
+        self._events = self.tensorboard = None
+        if self._forward_hook is not None:
+            self._forward_hook.remove()
+            self._forward_hook = None
 
     def __enter__(self) -> "Monitor":
         return self
@@ -103,11 +197,12 @@ class Monitor:
 
 def attach(ddp_model: DDP, *, out_dir: str | Path | None = None, every: int = 1, pairwise_every: int = 0,
            weight_check_every: int = 0, batch_size: int | None = None, noise_scale_ema: float = 0.9,
-           process_group: dist.ProcessGroup | None = None) -> Monitor:
+           process_group: dist.ProcessGroup | None = None, tensorboard: str | Path | None = None) -> Monitor:
     """Install the consistency hook on ``ddp_model`` and return its :class:`Monitor`.
 
     ``batch_size`` (samples per rank per optimizer step) enables the gradient-noise-scale
-    estimate; ``out_dir`` makes rank 0 append rows to ``out_dir/metrics.jsonl``.
+    estimate; ``out_dir`` makes rank 0 append rows to ``out_dir/metrics.jsonl``; ``tensorboard``
+    (a log directory) makes rank 0 write the rows as TensorBoard scalars.
     """
     if not isinstance(ddp_model, DDP):
         raise TypeError(f"attach needs a torch.nn.parallel.DistributedDataParallel model, got {type(ddp_model).__name__}")
@@ -117,10 +212,22 @@ def attach(ddp_model: DDP, *, out_dir: str | Path | None = None, every: int = 1,
         raise RuntimeError(f"cannot attach the testbed hook: {e} (a DDP model takes one comm hook; "
                            "attach replaces DDP's default all-reduce, not a custom hook such as fp16 compression)") from e
     return Monitor(ddp_model, state, every=every, pairwise_every=pairwise_every, weight_check_every=weight_check_every,
-                   batch_size=batch_size, noise_scale_ema=noise_scale_ema, out_dir=out_dir)
+                   batch_size=batch_size, noise_scale_ema=noise_scale_ema, out_dir=out_dir, tensorboard=tensorboard)
 
 
 def weight_sync(ddp_model: DDP, process_group: dist.ProcessGroup | None = None) -> Row:
     """Exact per-rank parameter checksums and whether they agree (one small all-gather)."""
     return _weight_sync([p for p in ddp_model.parameters() if p.requires_grad],
                         dist.get_world_size(process_group), process_group)
+
+
+def _scalar(value: Loss, device: torch.device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device=device, dtype=torch.float64).reshape(())
+    return torch.tensor(float(value), dtype=torch.float64, device=device)
+
+
+def _tensorboard_sink(log_dir: str | Path) -> Any:
+    from testbed.integrations.tensorboard import TensorBoardSink  # torch.utils.tensorboard only when asked for
+
+    return TensorBoardSink(log_dir)

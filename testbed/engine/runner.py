@@ -23,6 +23,8 @@ from typing import Any
 
 from testbed.record.files import (EVENTS_FILE, METRICS_FILE, RUN_FILE, environment, read_json, read_jsonl,
                             write_json_atomic)
+from testbed.engine.preflight import preflight
+from testbed.scenario.errors import ScenarioError
 from testbed.scenario.spec import Scenario
 
 GRACE_S = 10.0  # how long peers of a failed rank get to write their own reports
@@ -154,6 +156,12 @@ def launch(scenario: Scenario, out_dir: Path) -> RunResult:
     _remove_stale_record(out_dir)
     run = start_record(scenario, out_dir, scenario.backend, "spawn")
     started = time.monotonic()
+    try:
+        preflight(scenario)
+    except ScenarioError as e:  # bound to fail on every rank: recorded, no rank started
+        result = RunResult(out_dir, "failed", f"refused before the ranks started: {e}")
+        finish_record(out_dir, run, result)
+        return result
     n = scenario.world_size
     store = dist.TCPStore("127.0.0.1", 0, n + 1, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=scenario.stall_timeout_s))

@@ -7,8 +7,9 @@ in bf16); ``bf16-mixed`` (fp32 weights, forward under bf16 autocast - what ``Tra
 does and what the reference study's "bf16 mixed precision" means).
 
 openPangu-Embedded checkpoints ship remote code (``auto_map`` → ``modeling_openpangu_dense``)
-that imports ``torch_npu`` unconditionally and ``LossKwargs`` from ``transformers.utils``, which
-transformers 5 no longer has. The architecture is Llama with one ``bias`` flag on q/k/v/o, and the
+that imports ``torch_npu`` (and ``transfer_to_npu``) unconditionally, then ``LossKwargs`` from
+``transformers.utils``, which transformers removed in 4.54; on 5.x it breaks a second time
+(``ROPE_INIT_FUNCTIONS`` has no ``"default"``). The architecture is Llama with one ``bias`` flag on q/k/v/o, and the
 parameter names are Llama's, so when the remote code cannot be used the checkpoint is loaded into
 the stock ``LlamaForCausalLM`` with ``attention_bias = bias`` (see :func:`pangu_as_llama_config`);
 every weight must then load, or loading fails. The released files also carry a per-layer

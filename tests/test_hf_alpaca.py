@@ -78,11 +78,48 @@ def test_json_and_jsonl_read_the_same_and_bad_records_are_named(tmp_path):
         read_records(tmp_path / "missing.json")
 
 
-def test_datasets_loader_reads_the_same_records(tmp_path, monkeypatch):
+def test_template_choice_is_stanfords_rule_also_for_input_none():
+    """Stanford's train.py: ``example.get("input", "") != ""`` - None is not "", so the with-input
+    template, formatted with "None" (truthiness would pick the no-input template)."""
+    none = {"instruction": "x", "input": None, "output": "y"}
+    assert prompt_for(none) == PROMPT_WITH_INPUT.format_map(none) and "### Input:\nNone\n" in prompt_for(none)
+    assert prompt_for({"instruction": "x", "input": "", "output": "y"}) == PROMPT_NO_INPUT.format(instruction="x")
+    assert prompt_for({"instruction": "x", "output": "y"}) == PROMPT_NO_INPUT.format(instruction="x")
+
+
+# The Hub's tatsu-lab/alpaca: one parquet file, columns instruction, input, output, text.
+HUB_ROWS = [dict(r, text=prompt_for(r) + r["output"]) for r in (WITH_INPUT, NO_INPUT, {**NO_INPUT, "input": None})]
+
+
+@pytest.fixture
+def datasets_in_tmp(tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")  # its Arrow cache lands in tmp
+    return datasets
+
+
+def test_datasets_loader_reads_the_hub_parquet_layout(tmp_path, datasets_in_tmp):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({k: [r[k] for r in HUB_ROWS] for k in ("instruction", "input", "output", "text")})
+    (tmp_path / "data").mkdir()
+    pq.write_table(table, tmp_path / "data" / "train-00000-of-00001.parquet")
+    records = read_records(tmp_path / "data" / "train-00000-of-00001.parquet", "datasets")
+    assert records == HUB_ROWS and records[2]["input"] is None
+    assert read_records(tmp_path / "data", "datasets") == HUB_ROWS  # the directory (a Hub snapshot's data/)
+    with pytest.raises(AlpacaFormatError, match=r"train-00000-of-00001.parquet: a .parquet file needs \[data\] loader"):
+        read_records(tmp_path / "data" / "train-00000-of-00001.parquet")
+
+
+def test_datasets_loader_reads_json_arrow_and_save_to_disk(tmp_path, datasets_in_tmp):
     path = write_alpaca(tmp_path / "a.jsonl", [WITH_INPUT, NO_INPUT], jsonl=True)
-    assert read_records(path, "datasets") == read_records(path, "json")
+    assert read_records(path, "datasets") == read_records(path, "json") == [WITH_INPUT, NO_INPUT]
+    ds = datasets_in_tmp.Dataset.from_list(HUB_ROWS)
+    ds.save_to_disk(str(tmp_path / "saved"))
+    assert read_records(tmp_path / "saved", "datasets") == HUB_ROWS
+    arrow = sorted((tmp_path / "saved").glob("*.arrow"))
+    assert len(arrow) == 1 and read_records(arrow[0], "datasets") == HUB_ROWS
 
 
 def test_forward_returns_the_masked_token_mean(tiny_hf, tmp_path):
@@ -123,11 +160,13 @@ def test_pangu_checkpoint_falls_back_to_llama_with_attention_bias(tiny_hf, tmp_p
     model = load_causal_lm(tiny_hf["pangu"], trust_remote_code=trust_remote_code)
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.attention_bias
     assert all(getattr(model.model.layers[0].self_attn, f"{p}_proj").bias is not None for p in "qkvo")
-    weights = load_file(str(tiny_hf["pangu"] / "model.safetensors"))
+    weights = load_file(str(tiny_hf["pangu"] / "model.safetensors"))  # bf16, as released
     state = model.state_dict()
-    assert set(weights) == set(state)
-    for name, tensor in weights.items():
-        assert torch.equal(state[name], tensor), name
+    rope = {k for k in weights if k.endswith(".self_attn.rotary_emb.inv_freq")}  # released files carry them
+    assert rope and set(weights) - rope == set(state) - {"lm_head.weight"}  # tied: no head in the files
+    for name in set(weights) - rope:
+        assert torch.equal(state[name], weights[name].float()), name
+    assert torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])
     assert count_parameters(tiny_hf["pangu"]) == sum(p.numel() for p in model.parameters())
 
 

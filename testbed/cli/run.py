@@ -19,12 +19,14 @@ DEFAULT_SCENARIO = Path(__file__).resolve().parent.parent / "scenario" / "defaul
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from testbed.engine.preflight import preflight
     from testbed.engine.runner import launch
 
     scenario_path = args.scenario or DEFAULT_SCENARIO
     scenario = load_scenario(scenario_path, overrides_of(args))
     if getattr(args, "dry_run", False):
         return launch_plan.print_plan(scenario, scenario_path, args)
+    preflight(scenario)  # a setting bound to fail on every rank: one line (ScenarioError), no ranks started
     out_dir = Path(args.out) if args.out else default_run_dir(scenario.name)
     print(f"testbed: running {scenario.name!r}: {scenario.world_size} ranks × {scenario.steps} steps "
           f"({scenario.model.kind} / {scenario.data.kind}, {scenario.optim.kind}) → {out_dir}", flush=True)

@@ -112,7 +112,19 @@ def make_plan(scenario: Scenario, scenario_path: Path, args: argparse.Namespace,
                       notes)
     plan.env = suggested_env(plan)
     notes.extend(_path_notes(scenario))
+    notes.extend(_preflight_notes(scenario))
     return plan
+
+
+def _preflight_notes(scenario: Scenario) -> list[str]:
+    from testbed.engine.preflight import preflight
+    from testbed.scenario.errors import ScenarioError
+
+    try:
+        preflight(scenario)
+    except ScenarioError as e:
+        return [f"the run would be refused: {e}"]
+    return []
 
 
 def _present(device_type: str) -> bool:
@@ -167,6 +179,8 @@ def format_plan(plan: LaunchPlan) -> str:
              f"  batch      {s.batch_size} per micro-batch × grad_accum {s.grad_accum} = {per_rank} per rank per step; "
              f"{per_rank * s.world_size} per step in all",
              f"  optimizer  {s.optim.kind} {_params(s.optim.params)}; {s.steps} steps, seed {s.seed}",
+             f"  lr         {s.schedule.name} schedule, {s.schedule.warmup(s.steps)} warmup step(s) (transformers' "
+             "schedulers)" if not s.schedule.is_constant else "  lr         constant",
              "ranks"]
     lines += [f"  rank {r:<3} node {n}  LOCAL_RANK {lr}  {dev}" for r, n, lr, dev in plan.placements()]
     lines.append("environment (per node)")

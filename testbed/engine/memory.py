@@ -50,7 +50,7 @@ class MemoryEstimate:
                f"optimizer       {gib(self.optimizer)}"]
         out.append(f"activations     {gib(self.activations)}  ({self.activations_note})" if self.activations is not None
                    else f"activations         n/a   ({self.activations_note})")
-        out.append(f"total           {gib(self.total)}  per rank (estimate; lower bound, see testbed/memory.py)")
+        out.append(f"total           {gib(self.total)}  per rank (estimate; lower bound, see testbed/engine/memory.py)")
         return out
 
 
@@ -82,7 +82,7 @@ def _shape(params: dict[str, Any]) -> tuple[dict[str, Any] | None, int | None, s
             return None, None, f"cannot count from {path}: {type(exc).__name__}: {exc}"
     hint = float(params.get("params_b_hint", 0.0))
     if hint > 0:
-        return None, int(hint * 1e9), f"params_b_hint; {path} not on this machine"
+        return None, round(hint * 1e9), f"params_b_hint; {path} not on this machine"
     return None, None, f"{path} not on this machine and no params_b_hint"
 
 

@@ -24,6 +24,8 @@ from typing import Any
 from testbed.diagnose.verdict import verdict_record
 from testbed.record.files import (EVENTS_FILE, METRICS_FILE, RUN_FILE, environment, read_json, read_jsonl,
                                   read_metrics, write_json_atomic)
+from testbed.engine.preflight import preflight
+from testbed.scenario.errors import ScenarioError
 from testbed.scenario.spec import Scenario
 
 GRACE_S = 10.0  # how long peers of a failed rank get to write their own reports
@@ -157,6 +159,12 @@ def launch(scenario: Scenario, out_dir: Path) -> RunResult:
     _remove_stale_record(out_dir)
     run = start_record(scenario, out_dir, scenario.backend, "spawn")
     started = time.monotonic()
+    try:
+        preflight(scenario)
+    except ScenarioError as e:  # bound to fail on every rank: recorded, no rank started
+        result = RunResult(out_dir, "failed", f"refused before the ranks started: {e}")
+        finish_record(out_dir, run, result)
+        return result
     n = scenario.world_size
     store = dist.TCPStore("127.0.0.1", 0, n + 1, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=scenario.stall_timeout_s))

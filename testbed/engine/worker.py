@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from testbed.engine import device as devices
 from testbed.workloads.data import ShardedSampler
+from testbed.workloads.optim import build_scheduler
 from testbed.engine.hook import ConsistencyState, install
 from testbed.engine.gather import gather_row, weight_sync
 from testbed.metrics.step import NoiseScaleEMA, brute_force
@@ -80,6 +81,8 @@ class _Job:
     dataset: Any
     base_lrs: list[float]
     noise: NoiseScaleEMA
+    scheduler: Any = None  # transformers' lr scheduler, or None for a constant lr
+    lr: float | None = None  # the schedule's lr of the running step (before a perturbation's lr_scale)
     metrics_out: JsonlWriter | None = None
     events_out: JsonlWriter | None = None
     timing_out: JsonlWriter | None = None
@@ -128,6 +131,7 @@ def build(scenario: Scenario, ctx: RankContext) -> _Job:
                ShardedSampler(dataset.size, scenario.world_size, scenario.batch_size), dataset,
                [g["lr"] for g in optimizer.param_groups], NoiseScaleEMA(scenario.metrics.noise_scale_ema),
                params=[p for p in ddp.parameters() if p.requires_grad])
+    job.scheduler = build_scheduler(optimizer, scenario.schedule, scenario.steps)
     if ctx.rank == 0:
         job.metrics_out = JsonlWriter(ctx.out_dir / METRICS_FILE)
         job.events_out = JsonlWriter(ctx.out_dir / EVENTS_FILE)
@@ -149,8 +153,10 @@ def train_step(job: _Job, step: int) -> dict[str, Any] | None:
     for action in plan.before_step:
         action()
     seed_everything(plan.rng_seed)
-    for group, lr in zip(job.optimizer.param_groups, job.base_lrs):
+    lrs = job.scheduler.get_last_lr() if job.scheduler is not None else job.base_lrs
+    for group, lr in zip(job.optimizer.param_groups, lrs):
         group["lr"] = lr * plan.lr_scale
+    job.lr = lrs[0]
     measure = step % s.metrics.every == 0 or step == s.steps - 1
     pairwise = s.metrics.pairwise_every > 0 and step % s.metrics.pairwise_every == 0
     job.hook.begin_step(measure, pairwise, plan.grad_transforms, plan.generator("grad"), job.device)
@@ -173,6 +179,8 @@ def train_step(job: _Job, step: int) -> dict[str, Any] | None:
         local_loss += loss.detach().double() / s.grad_accum
     job.optimizer.step()
     job.optimizer.zero_grad(set_to_none=True)
+    if job.scheduler is not None:
+        job.scheduler.step()  # closed form (LambdaLR): the lr_scale set above does not feed back
     row = gather_metrics(job, step, local_loss, measure, pairwise)
     ctx.mark(step, PHASE_DONE)
     return row
@@ -187,6 +195,7 @@ def gather_metrics(job: _Job, step: int, local_loss: torch.Tensor, measure: bool
         return None
     row = gather_row(job.hook.acc, local_loss, step=step, measure=measure, device=job.device,
                      world_size=s.world_size, batch_size=s.batch_size * s.grad_accum, noise=job.noise)
+    row["lr"] = job.lr
     if check_weights:
         row.update(weight_sync(job.params, s.world_size))
     if s.metrics.self_check and measure:

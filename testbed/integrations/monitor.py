@@ -54,7 +54,8 @@ class Monitor:
 
     def __init__(self, ddp_model: DDP, state: ConsistencyState, *, every: int = 1, pairwise_every: int = 0,
                  weight_check_every: int = 0, batch_size: int | None = None, noise_scale_ema: float = 0.9,
-                 out_dir: str | Path | None = None, keep_rows: bool = True, tensorboard: str | Path | None = None):
+                 out_dir: str | Path | None = None, keep_rows: bool = True, tensorboard: str | Path | None = None,
+                 optimizer: torch.optim.Optimizer | None = None):
         if every < 1 or pairwise_every < 0 or weight_check_every < 0:
             raise ValueError("attach needs every >= 1, pairwise_every >= 0 and weight_check_every >= 0")
         self.ddp, self.state = ddp_model, state
@@ -77,6 +78,9 @@ class Monitor:
         self._forwards, self._warned_accum = 0, False
         # Counts training forwards between steps: several with one loss given = accumulation, warned.
         self._forward_hook: Any = ddp_model.register_forward_pre_hook(self._count_forward)
+        self._lr: float | None = None  # the lr optimizer.step() used this step (a step pre-hook reads it)
+        if optimizer is not None:
+            optimizer.register_step_pre_hook(lambda opt, *_: setattr(self, "_lr", opt.param_groups[0]["lr"]))
         self.begin_step()
 
     def begin_step(self) -> None:
@@ -105,6 +109,8 @@ class Monitor:
         row.update(extra or {})
         if check_weights:
             row.update(weight_sync(self.ddp, self.state.process_group))
+        if self._lr is not None:
+            row["lr"] = self._lr
         if self.keep_rows:
             self.rows.append(row)
         if self.writer is not None:
@@ -197,12 +203,14 @@ class Monitor:
 
 def attach(ddp_model: DDP, *, out_dir: str | Path | None = None, every: int = 1, pairwise_every: int = 0,
            weight_check_every: int = 0, batch_size: int | None = None, noise_scale_ema: float = 0.9,
-           process_group: dist.ProcessGroup | None = None, tensorboard: str | Path | None = None) -> Monitor:
+           process_group: dist.ProcessGroup | None = None, tensorboard: str | Path | None = None,
+           optimizer: torch.optim.Optimizer | None = None) -> Monitor:
     """Install the consistency hook on ``ddp_model`` and return its :class:`Monitor`.
 
     ``batch_size`` (samples per rank per optimizer step) enables the gradient-noise-scale
     estimate; ``out_dir`` makes rank 0 append rows to ``out_dir/metrics.jsonl``; ``tensorboard``
-    (a log directory) makes rank 0 write the rows as TensorBoard scalars.
+    (a log directory) makes rank 0 write the rows as TensorBoard scalars; ``optimizer`` adds
+    ``lr`` to each row (its first param group's lr as ``optimizer.step()`` used it, scheduler or not).
     """
     if not isinstance(ddp_model, DDP):
         raise TypeError(f"attach needs a torch.nn.parallel.DistributedDataParallel model, got {type(ddp_model).__name__}")
@@ -212,7 +220,8 @@ def attach(ddp_model: DDP, *, out_dir: str | Path | None = None, every: int = 1,
         raise RuntimeError(f"cannot attach the testbed hook: {e} (a DDP model takes one comm hook; "
                            "attach replaces DDP's default all-reduce, not a custom hook such as fp16 compression)") from e
     return Monitor(ddp_model, state, every=every, pairwise_every=pairwise_every, weight_check_every=weight_check_every,
-                   batch_size=batch_size, noise_scale_ema=noise_scale_ema, out_dir=out_dir, tensorboard=tensorboard)
+                   batch_size=batch_size, noise_scale_ema=noise_scale_ema, out_dir=out_dir, tensorboard=tensorboard,
+                   optimizer=optimizer)
 
 
 def weight_sync(ddp_model: DDP, process_group: dist.ProcessGroup | None = None) -> Row:

@@ -17,6 +17,7 @@ from testbed.scenario.errors import ScenarioError
 from testbed.scenario.expect import validate_expect
 from testbed.scenario.overrides import set_dotted
 from testbed.scenario.registry import Registry, coerce
+from testbed.scenario.schedule import SCHEDULE_KEYS, ScheduleSpec, read_schedule
 from testbed.scenario.sweep import build_levels
 
 
@@ -77,6 +78,7 @@ class Scenario:
     on_nonfinite: str = "continue"
     perturbations: tuple[PerturbationSpec, ...] = ()
     metrics: MetricsSpec = MetricsSpec()
+    schedule: ScheduleSpec = ScheduleSpec()  # [optim] schedule / warmup_steps / warmup_ratio
     expect: dict[str, Any] = field(default_factory=dict)
     sweep: dict[str, Any] = field(default_factory=dict)
     source: str = "<memory>"
@@ -92,6 +94,7 @@ class Scenario:
             PerturbationSpec(**{**p, "ranks": tuple(p["ranks"])}) for p in d.get("perturbations", ())
         )
         d["metrics"] = MetricsSpec(**d.get("metrics", {}))
+        d["schedule"] = ScheduleSpec(**d.get("schedule", {}))
         return Scenario(**d)
 
 
@@ -154,7 +157,8 @@ def parse_scenario(raw: Mapping[str, Any], source: str = "<memory>") -> Scenario
     if batch_size < 1:
         raise ScenarioError(source, "data.batch_size", "an integer >= 1", batch_size)
     data = v.component(raw, "data", DATASETS, extra={"batch_size"})
-    optim = v.component(raw, "optim", OPTIMIZERS)
+    optim = v.component(raw, "optim", OPTIMIZERS, extra=SCHEDULE_KEYS)
+    schedule = read_schedule(raw["optim"], source, steps)
     metrics = v.metrics(raw.get("metrics", {}))
     perturbations = tuple(
         v.perturbation(p, i, world_size, steps, PERTURBATIONS)
@@ -179,6 +183,7 @@ def parse_scenario(raw: Mapping[str, Any], source: str = "<memory>") -> Scenario
         on_nonfinite=v.choice(raw, "on_nonfinite", ("continue", "stop"), "continue"),
         perturbations=perturbations,
         metrics=metrics,
+        schedule=schedule,
         expect=validate_expect(raw.get("expect", {}), source, steps=steps,
                                pairwise_every=metrics.pairwise_every,
                                weight_check_every=metrics.weight_check_every, has_sweep=bool(raw.get("sweep"))),

@@ -9,9 +9,16 @@ and concatenated, so the mask boundary is exact. Every example is truncated and 
 whose response does not survive truncation at all is dropped (its loss would be 0/0) and counted
 in ``info["dropped"]``.
 
+The template is chosen as Stanford's ``train.py`` does, ``record.get("input", "") != ""``: a record
+whose ``input`` is None (possible in a parquet column) gets the with-input template, with "None".
+
 Nothing is downloaded: ``path`` is a local file and ``tokenizer`` a local directory (usually the
-model's own). ``loader = "datasets"`` reads the file through Hugging Face ``datasets`` (if it is
-installed); the default reads it with the standard library.
+model's own). ``loader = "json"`` (default) reads a JSON array or JSON lines with the standard
+library; ``loader = "datasets"`` reads local files through Hugging Face ``datasets`` - parquet (the
+Hub's ``tatsu-lab/alpaca`` is one parquet file with columns instruction, input, output, text), JSON /
+JSON lines, arrow, or a directory of them or one written by ``Dataset.save_to_disk``.
+``trust_remote_code`` lets a tokenizer that ships its own class (openPangu's ``PanguTokenizer``
+through ``auto_map``) load; without it such a tokenizer is refused before any rank starts.
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ from typing import Any, Literal
 
 import torch
 
+from testbed.scenario.errors import ScenarioError
 from testbed.scenario.tables import DATASETS
 
 IGNORE_INDEX = -100
@@ -43,19 +51,25 @@ class AlpacaFormatError(ValueError):
 
 
 def prompt_for(record: dict[str, Any]) -> str:
-    """The Stanford Alpaca prompt for one record (the template without input if ``input`` is empty)."""
-    template = PROMPT_WITH_INPUT if record.get("input") else PROMPT_NO_INPUT
-    return template.format(instruction=record["instruction"], input=record.get("input", ""))
+    """The Stanford Alpaca prompt for one record, chosen by Stanford's rule ``input != ""`` (so
+    ``input = None`` takes the with-input template, formatted as "None", as Stanford's code does)."""
+    if record.get("input", "") != "":
+        return PROMPT_WITH_INPUT.format(instruction=record["instruction"], input=record["input"])
+    return PROMPT_NO_INPUT.format(instruction=record["instruction"])
 
 
 def read_records(path: str | Path, loader: Literal["json", "datasets"] = "json") -> list[dict[str, Any]]:
-    """Alpaca records from a JSON array or a JSON-lines file, validated."""
+    """Alpaca records, validated: a JSON array or JSON lines (``json``), or local parquet / JSON /
+    arrow files or a ``save_to_disk`` directory read through Hugging Face ``datasets``."""
     path = Path(path)
-    if not path.is_file():
+    if not (path.is_file() or (loader == "datasets" and path.is_dir())):
         raise FileNotFoundError(f"alpaca data file {path} does not exist (see scenarios/openpangu/README.md "
                                 "for how to put alpaca_data.json on the machine)")
     if loader == "datasets":
         records = _read_with_datasets(path)
+    elif path.suffix in _DATASETS_ONLY:
+        raise AlpacaFormatError(f"{path}: a {path.suffix} file needs [data] loader = 'datasets' (the 'json' "
+                                "loader reads JSON arrays and JSON lines)")
     else:
         text = path.read_text(encoding="utf-8")
         try:
@@ -77,13 +91,29 @@ def _json_line(path: Path, lineno: int, line: str) -> Any:
         raise AlpacaFormatError(f"{path}:{lineno}: neither a JSON array nor JSON lines ({e})") from None
 
 
+# file suffix → the ``datasets`` packaged builder that reads it (local files only, no Hub)
+_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".arrow": "arrow"}
+_DATASETS_ONLY = (".parquet", ".arrow")
+
+
 def _read_with_datasets(path: Path) -> list[dict[str, Any]]:
+    """Records from local parquet / JSON / arrow files (or a ``save_to_disk`` directory) via ``datasets``."""
     try:
         import datasets
     except ImportError:
         raise ImportError("[data] loader = 'datasets' needs the Hugging Face datasets package "
-                          "(pip install datasets), or use loader = 'json'") from None
-    table = datasets.load_dataset("json", data_files=str(path), split="train")
+                          "(pip install -e '.[hf]'), or use loader = 'json'") from None
+    if path.is_dir() and (path / "dataset_info.json").is_file():
+        table = datasets.load_from_disk(str(path))
+        if isinstance(table, datasets.DatasetDict):
+            table = table["train"]
+    else:
+        files = sorted(f for f in path.iterdir() if f.suffix in _BUILDERS) if path.is_dir() else [path]
+        builders = {_BUILDERS.get(f.suffix) for f in files}
+        if not files or None in builders or len(builders) > 1:
+            raise AlpacaFormatError(f"{path}: expected parquet, JSON / JSON lines or arrow files of one kind "
+                                    f"({', '.join(_BUILDERS)}) or a save_to_disk directory")
+        table = datasets.load_dataset(builders.pop(), data_files=[str(f) for f in files], split="train")
     return [dict(row) for row in table]
 
 
@@ -98,13 +128,51 @@ def _check_record(path: Path, index: int, record: Any) -> None:
         raise AlpacaFormatError(f"{path}: record {index}: field 'input' must be a string, got {record['input']!r}")
 
 
-def load_tokenizer(path: str | Path) -> Any:
+def custom_tokenizer_class(path: str | Path) -> str | None:
+    """The ``auto_map`` class a tokenizer directory asks ``AutoTokenizer`` to import (e.g.
+    ``tokenization_openpangu.PanguTokenizer``) when transformers has no class of that name, else None."""
+    file = Path(path) / "tokenizer_config.json"
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    entry = (config.get("auto_map") or {}).get("AutoTokenizer") if isinstance(config, dict) else None
+    names = [n for n in (entry if isinstance(entry, list) else [entry]) if isinstance(n, str)]
+    if not names:
+        return None
+    import transformers
+
+    builtin = config.get("tokenizer_class")
+    return None if isinstance(builtin, str) and hasattr(transformers, builtin) else names[0]
+
+
+def needs_remote_code_message(path: str | Path, custom: str) -> str:
+    """One line for the launcher and for a rank alike (transformers' own message is three lines)."""
+    return (f"the tokenizer in {path} needs trust_remote_code: its tokenizer_config.json maps AutoTokenizer to "
+            f"its own code ({custom}); set [data] trust_remote_code = true if you trust that code")
+
+
+def preflight(source: str, params: dict[str, Any]) -> None:
+    """Refuse, before any rank starts, a custom-code tokenizer without ``trust_remote_code``."""
+    tokenizer = params.get("tokenizer")
+    if params.get("trust_remote_code") or not isinstance(tokenizer, str):
+        return
+    custom = custom_tokenizer_class(tokenizer)
+    if custom is not None:
+        raise ScenarioError(source, "data.trust_remote_code",
+                            f"true ({needs_remote_code_message(tokenizer, custom)})", False)
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
     """The tokenizer saved next to the model (local files only; never a hub download)."""
     from transformers import AutoTokenizer
 
     if not Path(path).is_dir():
         raise FileNotFoundError(f"tokenizer directory {path} does not exist")
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    custom = None if trust_remote_code else custom_tokenizer_class(path)
+    if custom is not None:
+        raise ValueError(needs_remote_code_message(path, custom))
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer at {path} has no EOS token; alpaca targets end with EOS")
     return tok
@@ -179,10 +247,11 @@ def build_alpaca(records: list[dict[str, Any]], tokenizer: Any, max_len: int) ->
 
 @DATASETS.register("alpaca")
 def alpaca(seed: int, *, path: str, tokenizer: str, max_len: int = 1024, limit: int = 0,
-           loader: Literal["json", "datasets"] = "json") -> AlpacaDataset:
-    """Alpaca records from ``path`` (JSON array or JSONL), tokenised with the tokenizer in the
-    directory ``tokenizer``; ``limit`` > 0 keeps the first ``limit`` records. The order is the
-    file's; the sampler shuffles per epoch from the scenario seed."""
+           loader: Literal["json", "datasets"] = "json", trust_remote_code: bool = False) -> AlpacaDataset:
+    """Alpaca records from ``path`` (JSON array or JSONL; parquet / arrow with ``loader =
+    "datasets"``), tokenised with the tokenizer in the directory ``tokenizer`` (``trust_remote_code``:
+    let it run its own code, as openPangu's does); ``limit`` > 0 keeps the first ``limit`` records.
+    The order is the file's; the sampler shuffles per epoch from the scenario seed."""
     if max_len < 2:
         raise ValueError("alpaca needs max_len >= 2")
     if limit < 0:
@@ -190,6 +259,9 @@ def alpaca(seed: int, *, path: str, tokenizer: str, max_len: int = 1024, limit: 
     records = read_records(path, loader)
     if limit:
         records = records[:limit]
-    dataset = build_alpaca(records, load_tokenizer(tokenizer), max_len)
+    dataset = build_alpaca(records, load_tokenizer(tokenizer, trust_remote_code), max_len)
     dataset.info.update({"path": str(path), "tokenizer": str(tokenizer)})
     return dataset
+
+
+alpaca.preflight = preflight  # type: ignore[attr-defined]  # run by the launcher before ranks start

@@ -7,11 +7,14 @@ in bf16); ``bf16-mixed`` (fp32 weights, forward under bf16 autocast - what ``Tra
 does and what the reference study's "bf16 mixed precision" means).
 
 openPangu-Embedded checkpoints ship remote code (``auto_map`` → ``modeling_openpangu_dense``)
-that imports ``torch_npu`` unconditionally and ``LossKwargs`` from ``transformers.utils``, which
-transformers 5 no longer has. The architecture is Llama with one ``bias`` flag on q/k/v/o, and the
+that imports ``torch_npu`` (and ``transfer_to_npu``) unconditionally, then ``LossKwargs`` from
+``transformers.utils``, which transformers removed in 4.54; on 5.x it breaks a second time
+(``ROPE_INIT_FUNCTIONS`` has no ``"default"``). The architecture is Llama with one ``bias`` flag on q/k/v/o, and the
 parameter names are Llama's, so when the remote code cannot be used the checkpoint is loaded into
 the stock ``LlamaForCausalLM`` with ``attention_bias = bias`` (see :func:`pangu_as_llama_config`);
-every weight must then load, or loading fails.
+every weight must then load, or loading fails. The released files also carry a per-layer
+``self_attn.rotary_emb.inv_freq`` buffer (Llama computes it from ``rope_theta`` instead): those keys
+are the only leftovers accepted, and they are compared with the config's ``rope_theta``.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import contextlib
 import inspect
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +38,8 @@ Precision = Literal["fp32", "bf16", "bf16-mixed"]
 PANGU_MODEL_TYPES = ("PanguEmbedded",)
 # Exceptions that mean "the remote code / auto class cannot be used here", not "the files are bad".
 _REMOTE_CODE_FAILURES = (ImportError, AttributeError, KeyError, ValueError, TypeError)
+# Buffers the released openPangu files carry per layer; Llama recomputes them from rope_theta.
+_ROPE_BUFFER = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 
 class CausalLMLoss(nn.Module):
@@ -120,12 +126,41 @@ def load_pangu_as_llama(path: str | Path, config: dict[str, Any], **kwargs: Any)
 
     model, info = LlamaForCausalLM.from_pretrained(str(path), config=pangu_as_llama_config(config),
                                                    output_loading_info=True, **kwargs)
-    missing = [k for k in info.get("missing_keys", []) if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
-    unexpected = list(info.get("unexpected_keys", []))
+    missing = sorted(k for k in info.get("missing_keys", [])
+                     if not (k == "lm_head.weight" and model.config.tie_word_embeddings))
+    unexpected = sorted(k for k in info.get("unexpected_keys", []) if not _ROPE_BUFFER.fullmatch(k))
     if missing or unexpected:
         raise ValueError(f"{path}: the PanguEmbedded → Llama mapping does not fit this checkpoint "
                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    check_rope_buffers(path, config)
     return model
+
+
+def rope_inv_freq(config: dict[str, Any]) -> torch.Tensor:
+    """``1 / rope_theta ** (2i / head_dim)`` (fp32): the default RoPE frequencies of a config.json."""
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    return 1.0 / (float(config.get("rope_theta", 10000.0)) ** exponent)
+
+
+def check_rope_buffers(path: str | Path, config: dict[str, Any]) -> None:
+    """Warn when a stored ``rotary_emb.inv_freq`` disagrees with ``1 / rope_theta ** (2i / head_dim)``:
+    the config's ``rope_theta`` would then not be the one the checkpoint was trained with."""
+    from safetensors import safe_open
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            key = next((k for k in f.keys() if _ROPE_BUFFER.fullmatch(k)), None)
+            if key is None:
+                continue
+            stored = f.get_tensor(key).float()
+        expected = rope_inv_freq(config)
+        if stored.shape != expected.shape or not torch.allclose(stored, expected, rtol=1e-2, atol=0.0):
+            log.warning("%s: %s does not match rope_theta = %s in config.json (stored %s, expected %s); the Llama "
+                        "fallback uses the config's value", path, key, config.get("rope_theta"),
+                        stored[:4].tolist(), expected[:4].tolist())
+        return
 
 
 def count_parameters(path: str | Path) -> int:

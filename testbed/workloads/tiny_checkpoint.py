@@ -4,14 +4,17 @@ Used by the tests, and by anyone who wants to smoke-test the ``hf`` + ``alpaca``
 machine (NPU, GPU) in seconds before pointing it at real weights::
 
     python -m testbed.tiny_checkpoint /tmp/tiny            # Llama-style model + tokenizer + alpaca.json
-    python -m testbed.tiny_checkpoint /tmp/tiny --pangu    # the same weights laid out as openPangu
+    python -m testbed.tiny_checkpoint /tmp/tiny --pangu    # the released openPangu layout, tiny
+    python -m testbed.tiny_checkpoint /tmp/op1b --pangu --config-only   # the released 1B config.json only
 
 The tokenizer is a byte-level BPE trained with the ``tokenizers`` library on the alpaca templates
 and the generated records, saved as a ``PreTrainedTokenizerFast`` (BOS prepended, EOS ``</s>``).
-The ``--pangu`` layout copies openPangu-Embedded's checkpoint shape: ``model_type =
-"PanguEmbedded"``, an ``auto_map`` to ``configuration_openpangu_dense`` /
-``modeling_openpangu_dense``, a ``bias`` flag, and a modeling file that fails to import the way the
-real one does without ``torch_npu`` - so loading it exercises the Llama fallback in ``testbed.workloads.hf``.
+The ``--pangu`` checkpoint mirrors the released openPangu-Embedded-1B-V1.1 files in everything but
+size (:mod:`testbed.workloads.pangu_layout`): its config keys and flags (tied embeddings, ``bias``,
+``rope_theta``, no ``head_dim``), per-layer ``rotary_emb.inv_freq`` tensors, ``auto_map`` code that
+fails under transformers 5 the way the released code does (so loading exercises the Llama fallback
+in ``testbed.workloads.hf``), and a slow SentencePiece ``PanguTokenizer`` loaded through ``auto_map``
+(needs ``trust_remote_code``), its ``tokenizer.model`` trained here on the generated records.
 """
 from __future__ import annotations
 
@@ -22,29 +25,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from testbed.workloads.alpaca import prompt_for
+from testbed.workloads.pangu_layout import write_pangu_checkpoint, write_released_config
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 _WORDS = ("red", "blue", "green", "cat", "dog", "sun", "tree", "bird", "fish", "moon", "rain", "book")
-
-_PANGU_CONFIG_CODE = '''"""Stand-in for openPangu's configuration_openpangu_dense.py (written by testbed.tiny_checkpoint)."""
-from transformers import PretrainedConfig
-
-
-class PanguEmbeddedConfig(PretrainedConfig):
-    model_type = "PanguEmbedded"
-
-    def __init__(self, bias=True, rope_theta=10000.0, **kwargs):
-        self.bias = bias
-        self.rope_theta = rope_theta
-        super().__init__(**kwargs)
-'''
-
-_PANGU_MODELING_CODE = '''"""Stand-in for openPangu's modeling_openpangu_dense.py (written by testbed.tiny_checkpoint): the
-real file's first imports, which fail without torch_npu and, on transformers >= 5, at LossKwargs."""
-import torch_npu  # noqa: F401
-from transformers.utils import LossKwargs  # noqa: F401
-'''
-
 
 def alpaca_records(n: int, seed: int = 0) -> list[dict[str, str]]:
     """``n`` small, learnable alpaca records (about a third without ``input``)."""
@@ -103,7 +87,8 @@ def tiny_llama_config(vocab_size: int, tokenizer: Any, attention_bias: bool = Fa
 
 
 def make_tiny_checkpoint(out: Path, *, pangu: bool = False, seed: int = 0, records: int = 96) -> Path:
-    """Write model + tokenizer to ``out`` and ``alpaca.json`` next to them; returns ``out``."""
+    """Write model + tokenizer to ``out`` and ``alpaca.json`` next to them; returns ``out``.
+    ``pangu``: the released openPangu-Embedded layout instead (:mod:`testbed.workloads.pangu_layout`)."""
     import torch
     from transformers import LlamaForCausalLM
 
@@ -112,49 +97,30 @@ def make_tiny_checkpoint(out: Path, *, pangu: bool = False, seed: int = 0, recor
     data = alpaca_records(records, seed)
     write_alpaca(out / "alpaca.json", data)
     corpus = [prompt_for(r) + " " + r["output"] for r in data]
+    if pangu:
+        return write_pangu_checkpoint(out, corpus, seed)
     tokenizer = train_tokenizer(corpus)
     tokenizer.save_pretrained(str(out))
     torch.manual_seed(seed)
-    config = tiny_llama_config(len(tokenizer), tokenizer, attention_bias=pangu)
-    model = LlamaForCausalLM(config)
-    if pangu:
-        _write_pangu_layout(out, model, config)
-    else:
-        model.save_pretrained(str(out))
+    LlamaForCausalLM(tiny_llama_config(len(tokenizer), tokenizer)).save_pretrained(str(out))
     return out
-
-
-def _write_pangu_layout(out: Path, model: Any, config: Any) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
-    pangu_config = {
-        "architectures": ["PanguEmbeddedForCausalLM"],
-        "auto_map": {"AutoConfig": "configuration_openpangu_dense.PanguEmbeddedConfig",
-                     "AutoModelForCausalLM": "modeling_openpangu_dense.PanguEmbeddedForCausalLM"},
-        "model_type": "PanguEmbedded",
-        "bias": True,
-        "rope_theta": 10000.0,
-        "torch_dtype": "float32",
-    }
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range",
-                "rms_norm_eps", "tie_word_embeddings", "attention_dropout", "pad_token_id", "bos_token_id",
-                "eos_token_id"):
-        pangu_config[key] = getattr(config, key)
-    (out / "config.json").write_text(json.dumps(pangu_config, indent=2), encoding="utf-8")
-    (out / "configuration_openpangu_dense.py").write_text(_PANGU_CONFIG_CODE, encoding="utf-8")
-    (out / "modeling_openpangu_dense.py").write_text(_PANGU_MODELING_CODE, encoding="utf-8")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m testbed.tiny_checkpoint", description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--pangu", action="store_true", help="openPangu layout (remote code that fails to import)")
+    parser.add_argument("--pangu", action="store_true",
+                        help="the released openPangu-Embedded layout (tied, remote code, SentencePiece PanguTokenizer)")
+    parser.add_argument("--config-only", action="store_true",
+                        help="with --pangu: only the released 1B config.json, full size, no weights (for --dry-run plans)")
     parser.add_argument("--records", type=int, default=96)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.config_only:
+        if not args.pangu:
+            parser.error("--config-only needs --pangu")
+        print(f"wrote the released openPangu-Embedded-1B-V1.1 config.json to {write_released_config(args.out)}")
+        return 0
     out = make_tiny_checkpoint(args.out, pangu=args.pangu, seed=args.seed, records=args.records)
     print(f"wrote {'openPangu-style ' if args.pangu else ''}tiny checkpoint, tokenizer and alpaca.json to {out}")
     return 0

@@ -13,6 +13,7 @@ import pytest
 import torch.distributed as dist
 
 from testbed import cli
+from testbed.cli.common import EXIT_OK
 from testbed.record.files import RUN_FILE, default_run_dir, read_metrics, write_json_atomic
 from tests.test_scenario_fuzz import toml_document
 from tests.helpers import tiny
@@ -115,7 +116,7 @@ def test_two_runs_at_once_get_their_own_ports_and_dirs(tmp_path: Path, monkeypat
         for t in pool:
             t.join()
     capsys.readouterr()
-    assert codes == [cli.EXIT_OK, cli.EXIT_OK]
+    assert codes == [EXIT_OK, EXIT_OK]
     assert len(ports) == 2 and ports[0] != ports[1] and 0 not in ports
     run_dirs = sorted((tmp_path / "runs").iterdir())
     assert len(run_dirs) == 2

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from testbed import cli
+from testbed.cli.common import EXIT_FAILED, EXIT_OK
 from testbed.engine import runner
 from testbed.record.files import read_jsonl, read_metrics
 from testbed.scenario.spec import load_scenario
@@ -141,7 +142,7 @@ def test_hard_fault_ends_cleanly(fault: str, tmp_path: Path, capsys: pytest.Capt
     words, trace = HARD_FAULTS[fault]
     with ChildWatcher() as watch:
         code, err, wall = run_cli([str(path), "--out", str(tmp_path)], capsys)
-    assert code == cli.EXIT_FAILED
+    assert code == EXIT_FAILED
     assert wall < scenario.timeout_s
     if fault == "hang":
         assert wall >= scenario.stall_timeout_s
@@ -164,7 +165,7 @@ def test_exit_zero_mid_run_is_a_failure(tmp_path: Path, capsys: pytest.CaptureFi
         code, err, _ = run_cli([str(FAULTS_DIR / "exit.toml"), "--out", str(tmp_path),
                                 "--set", "perturbations.0.code=0"], capsys)
     run = run_json(tmp_path)
-    assert code == cli.EXIT_FAILED and run["status"] == "failed"
+    assert code == EXIT_FAILED and run["status"] == "failed"
     assert "rank 1 exited before finishing at step 3 (exit code 0)" in run["reason"], run["reason"]
     assert_no_survivors(watch, 2)
 
@@ -174,13 +175,14 @@ def test_exit_zero_mid_run_is_a_failure(tmp_path: Path, capsys: pytest.CaptureFi
 
 @pytest.mark.timeout(120)
 def test_nan_gradient_continue_is_recorded_and_the_run_goes_on(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # A stale record in the directory (rows and a rank report of an earlier run) must not leak in.
+    # A stale record in the directory (rows and a rank report of an earlier run), re-used with
+    # --overwrite, must not leak in.
     (tmp_path / "ranks").mkdir()
     (tmp_path / "ranks" / "rank0.json").write_text(json.dumps({"rank": 0, "step": 9, "error": "stale"}))
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 99}) + "\n")
-    code, err, _ = run_cli([str(FAULTS_DIR / "nan_grad.toml"), "--out", str(tmp_path)], capsys)
+    code, err, _ = run_cli([str(FAULTS_DIR / "nan_grad.toml"), "--out", str(tmp_path), "--overwrite"], capsys)
     run = run_json(tmp_path)
-    assert code == cli.EXIT_OK and run["status"] == "ok", (run["reason"], run["traceback"])
+    assert code == EXIT_OK and run["status"] == "ok", (run["reason"], run["traceback"])
     assert run["nonfinite"]["first"] == {"step": 2, "event": "nonfinite_grad", "rank": 1}  # ok, yet not clean
     assert "WARNING: 13 non-finite event(s); the first: nonfinite_grad on rank 1 at step 2" in err
     rows = read_metrics(tmp_path)
@@ -198,7 +200,7 @@ def test_inf_loss_stop_fails_the_run_naming_rank_and_step(tmp_path: Path, capsys
     with ChildWatcher() as watch:
         code, err, _ = run_cli([str(FAULTS_DIR / "inf_loss_stop.toml"), "--out", str(tmp_path)], capsys)
     run = run_json(tmp_path)
-    assert code == cli.EXIT_FAILED and run["status"] == "failed"
+    assert code == EXIT_FAILED and run["status"] == "failed"
     assert (run["failed_rank"], run["failed_step"]) == (1, 2)
     assert run["reason"].startswith("non-finite values at step 2: nonfinite_loss on rank 1"), run["reason"]
     assert "rank 0" not in run["reason"]

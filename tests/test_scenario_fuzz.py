@@ -26,7 +26,8 @@ from hypothesis import strategies as st
 
 from testbed.cli.run import DEFAULT_SCENARIO
 from testbed.scenario.tables import PERTURBATIONS
-from testbed.scenario.spec import _TOP_KEYS, Scenario, ScenarioError, load_scenario, parse_scenario
+from testbed.scenario.bounds import FLOAT32_MAX
+from testbed.scenario.spec import _TOP_KEYS, MAX_NAME, Scenario, ScenarioError, load_scenario, parse_scenario
 from tests.helpers import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,6 +118,9 @@ TARGETED = {  # fields with rules beyond their type, and values that break those
     ("metrics", "noise_scale_ema"): st.floats(),
     ("on_nonfinite",): st.sampled_from(["stop", "continue", "STOP", "", "halt"]),
     ("model", "kind"): st.one_of(text, st.just("mlp")),
+    ("optim", "lr"): st.one_of(st.floats(), huge_ints),
+    ("data", "size"): st.one_of(st.integers(-3, 300), huge_ints),
+    ("name",): st.one_of(text, st.sampled_from(["..", ".", "../x", "a/b", "a\\b", "n" * 129])),
 }
 
 
@@ -197,6 +201,12 @@ def assert_valid(s: Scenario) -> None:
         assert p.kind in PERTURBATIONS
         assert all(0 <= r < s.world_size for r in p.ranks) and len(set(p.ranks)) == len(p.ranks)
         assert 0 <= p.start_step < s.steps and (p.end_step is None or p.end_step > p.start_step)
+    for params in (s.model.params, s.data.params, s.optim.params, *(p.params for p in s.perturbations)):
+        assert all(math.isfinite(v) and abs(v) <= FLOAT32_MAX for v in params.values() if isinstance(v, float))
+    assert s.optim.kind not in ("sgd", "adamw") or s.optim.params["lr"] > 0
+    assert s.name.strip() and "/" not in s.name and s.name not in (".", "..") and len(s.name) <= MAX_NAME
+    size = s.data.params.get("size")
+    assert size is None or -(-size // s.world_size) >= s.batch_size  # every rank gets a full batch
     assert Scenario.from_dict(s.to_dict()) == s
     json.dumps(s.to_dict(), default=str)  # run.json can hold it
 

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from testbed.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from testbed.engine.preflight import preflight
 from testbed.gate import baseline as baselines
 from testbed.gate import outputs as gate_report
 from testbed.gate.gate import gate, scenario_paths
-from testbed.record.files import default_run_dir
+from testbed.record.files import RunDirError, default_run_dir
 from testbed.scenario.spec import load_scenario
 
 
@@ -40,6 +41,9 @@ def cmd_gate(args: argparse.Namespace) -> int:
         print(f"testbed gate: scenario names must be unique (they key the baseline): {', '.join(dupes)}",
               file=sys.stderr)
         return EXIT_USAGE
+    for s in scenarios:  # a device or backend this machine lacks: refused before anything runs
+        for warning in preflight(s):
+            print(f"testbed gate: warning: {s.name}: {warning}", file=sys.stderr)
     try:
         data = baselines.load(args.baseline)
     except baselines.BaselineError as e:
@@ -47,7 +51,11 @@ def cmd_gate(args: argparse.Namespace) -> int:
             print(f"testbed gate: {e}", file=sys.stderr)
             return EXIT_USAGE
         data = None
-    out_root = Path(args.out) if args.out else default_run_dir("gate")
+    try:
+        out_root = Path(args.out) if args.out else default_run_dir("gate")
+    except RunDirError as e:
+        print(f"testbed gate: {e}", file=sys.stderr)
+        return EXIT_USAGE
     print(f"testbed gate: {len(scenarios)} scenario(s), baseline {args.baseline}"
           f"{' (updating)' if args.update_baseline else ''}, runs in {out_root}", flush=True)
     outcomes = gate(scenarios, out_root, None if args.update_baseline else data, args.jobs,

@@ -4,9 +4,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Sequence
+import warnings
+from typing import Any, Sequence
 
 from testbed.cli.common import EXIT_USAGE
+from testbed.record.files import RecordWarning
 from testbed.scenario.errors import ScenarioError
 
 # Modules that add their own subcommand: each defines ``add_subcommand(subparsers)`` and sets
@@ -23,9 +25,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_record_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None,
+                         line: Any = None, _default: Any = warnings.showwarning) -> None:
+    """Skipped record lines are one line for the reader, not a Python warning with a source line."""
+    if issubclass(category, RecordWarning):
+        print(f"testbed: warning: {message}", file=sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    warnings.showwarning = _show_record_warning
     try:
         return args.func(args)
     except ScenarioError as e:

@@ -6,11 +6,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from testbed.cli.common import EXIT_FAILED, EXIT_OK, add_override_arguments, add_progress_arguments, overrides_of
+from testbed.cli.common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_override_arguments, add_progress_arguments,
+                                overrides_of)
 from testbed.diagnose.summary import format_table, summarize
 from testbed.engine import launch_plan
+from testbed.engine.preflight import preflight
+from testbed.engine.signals import LauncherStopped
+from testbed.record.files import EVENTS_FILE, RUN_FILE, RunDirError, default_run_dir, read_json, read_jsonl, read_metrics
+from testbed.record.rundir import claim_run_dir
 from testbed.diagnose.verdict import verdict_record
-from testbed.record.files import EVENTS_FILE, RUN_FILE, default_run_dir, read_json, read_jsonl, read_metrics
 from testbed.engine.progress import watch_run
 from testbed.scenario.spec import load_scenario
 
@@ -19,23 +23,39 @@ DEFAULT_SCENARIO = Path(__file__).resolve().parent.parent / "scenario" / "defaul
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from testbed.engine.preflight import preflight
     from testbed.engine.runner import launch
 
     scenario_path = args.scenario or DEFAULT_SCENARIO
     scenario = load_scenario(scenario_path, overrides_of(args))
     if getattr(args, "dry_run", False):
         return launch_plan.print_plan(scenario, scenario_path, args)
-    preflight(scenario)  # a setting bound to fail on every rank: one line (ScenarioError), no ranks started
-    out_dir = Path(args.out) if args.out else default_run_dir(scenario.name)
-    print(f"testbed: running {scenario.name!r}: {scenario.world_size} ranks × {scenario.steps} steps "
-          f"({scenario.model.kind} / {scenario.data.kind}, {scenario.optim.kind}) → {out_dir}", flush=True)
-    with watch_run(out_dir, scenario.steps, every_s=getattr(args, "progress_every", 10.0),
-                   enabled=not getattr(args, "no_progress", False)):  # stderr; only reads rank 0's files
-        if getattr(args, "launcher", "spawn") == "torchrun":
-            result = launch_plan.launch_torchrun(scenario, scenario_path, out_dir, args)
-        else:
-            result = launch(scenario, out_dir)
+    launcher = getattr(args, "launcher", "spawn")
+    for warning in preflight(scenario, launcher):  # a device/backend error → ScenarioError → exit 2
+        print(f"testbed: warning: {warning}", file=sys.stderr)
+    try:  # the run directory is this run's alone from here on (an exclusive lock)
+        out_dir = Path(args.out) if args.out else default_run_dir(scenario.name)
+        claim = claim_run_dir(out_dir, overwrite=args.overwrite)
+    except RunDirError as e:
+        print(f"testbed run: {'--out ' if args.out else 'run directory '}{e}", file=sys.stderr)
+        return EXIT_USAGE
+    if claim.replaces:  # --overwrite: say what goes, never delete rows without a word
+        print(f"testbed: --overwrite: replacing the earlier run in {out_dir} ({claim.replaces})", file=sys.stderr)
+    with claim:
+        print(f"testbed: running {scenario.name!r}: {scenario.world_size} ranks × {scenario.steps} steps "
+              f"({scenario.model.kind} / {scenario.data.kind}, {scenario.optim.kind}) → {out_dir}", flush=True)
+        try:
+            with watch_run(out_dir, scenario.steps, every_s=getattr(args, "progress_every", 10.0),
+                           enabled=not getattr(args, "no_progress", False)):  # stderr; reads rank 0's files
+                if launcher == "torchrun":
+                    result = launch_plan.launch_torchrun(scenario, scenario_path, out_dir, args)
+                else:
+                    result = launch(scenario, out_dir, claim=claim)
+        except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP: the launcher has finalized run.json
+            _ended_early(out_dir, f"launcher stopped by {e.signame}" if isinstance(e, LauncherStopped) else "")
+            return 128 + (e.signum if isinstance(e, LauncherStopped) else 2)
+        except Exception as e:  # noqa: BLE001 — a launcher error: one line here, the traceback in run.json
+            _ended_early(out_dir, f"launcher failed: {type(e).__name__}: {e}")
+            return EXIT_FAILED
     rows = read_metrics(out_dir)
     verdict = _recorded_verdict(out_dir, rows, scenario.world_size)
     print(f"verdict: {verdict['headline']}")
@@ -66,11 +86,27 @@ def _recorded_verdict(out_dir: Path, rows: list[dict[str, Any]], world_size: int
         verdict_record(rows, world_size=world_size)
 
 
+def _ended_early(out_dir: Path, fallback: str) -> None:
+    """The short failure summary of a run the launcher did not finish: the reason run.json holds,
+    and how many steps are kept (no traceback: it is in run.json)."""
+    try:
+        run = read_json(out_dir / RUN_FILE)
+    except (OSError, ValueError):
+        run = {}
+    reason = run.get("reason") if run.get("status") == "failed" else None
+    kept = run.get("steps_kept")
+    print(f"FAILED: {reason or fallback or 'interrupted'}", file=sys.stderr)
+    print(f"{kept if kept is not None else len(read_metrics(out_dir))} completed step(s) kept in "
+          f"{out_dir}/metrics.jsonl; {RUN_FILE} status {run.get('status', 'unknown')!r}", file=sys.stderr)
+
+
 def add_subcommand(subparsers: Any) -> None:
     run = subparsers.add_parser("run", help="run one scenario as a real multi-process DP job")
     run.add_argument("scenario", type=Path, nargs="?", default=None,
                      help="scenario file (default: the embedded default scenario)")
     run.add_argument("--out", help="run directory (default: runs/<name>-<timestamp>)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="re-use a run directory that holds an earlier run (its record is deleted)")
     add_override_arguments(run)
     add_progress_arguments(run)
     launch_plan.add_arguments(run)

@@ -2,20 +2,26 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from testbed.cli.common import EXIT_FAILED, EXIT_OK, add_override_arguments, add_progress_arguments, overrides_of
+from testbed.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_override_arguments, add_progress_arguments, overrides_of
 from testbed.engine.sweep import results_table, run_sweep
+from testbed.record.files import RunDirError
 from testbed.scenario.sweep import SWEEP_FILE, select_levels
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     started = time.monotonic()
-    out_dir, levels, status = run_sweep(args.scenario, Path(args.out) if args.out else None,
-                                        overrides_of(args), args.levels, every_s=args.progress_every,
-                                        progress=not args.no_progress)
+    try:
+        out_dir, levels, status = run_sweep(args.scenario, Path(args.out) if args.out else None,
+                                            overrides_of(args), args.levels, every_s=args.progress_every,
+                                            progress=not args.no_progress)
+    except RunDirError as e:  # --out unusable, or another sweep is running there
+        print(f"testbed sweep: --out {e}", file=sys.stderr)
+        return EXIT_USAGE
     selected = select_levels(levels, args.levels, str(args.scenario))
     print(results_table(out_dir, levels, status))
     ok = all(status[lv.index] == "ok" for lv in selected)

@@ -27,12 +27,15 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     (first divergent step and rank(s)), the outlier-rank attribution and the flags."""
     out: dict[str, Any] = {"steps_recorded": sum(1 for r in rows if "loss" in r)}
     for key, worse in SUMMARY_METRICS.items():
-        values = [r[key] for r in rows if r.get(key) is not None]
+        recorded = [r[key] for r in rows if key in r]  # None = non-finite or undefined at that step
+        values = [v for v in recorded if v is not None]
         if not values:
             continue
         arr = np.asarray(values, dtype=np.float64)
         out[key] = {
-            "final": float(arr[-1]),
+            # the last recorded step's value, NaN if it was not finite: an earlier finite value
+            # shown as "final" made a run that ended in NaN look healthy
+            "final": float(recorded[-1]) if recorded[-1] is not None else float("nan"),
             "peak": float(arr.max() if worse == "max" else arr.min()),
             "mean": float(arr.mean()),
         }

@@ -47,9 +47,17 @@ def resolve_backend(requested: str, device_type: str) -> str:
     if requested == "auto":
         return BACKEND_FOR[device_type]
     if requested != "gloo" and requested != BACKEND_FOR[device_type]:
+        usable = ", ".join(repr(b) for b in dict.fromkeys((BACKEND_FOR[device_type], "gloo")))
         raise DeviceError(f"backend {requested!r} does not work with device {device_type!r}; "
-                          f"use {BACKEND_FOR[device_type]!r}, 'gloo' or 'auto'")
+                          f"use {usable} or 'auto'")
     return requested
+
+
+def device_count(device_type: str) -> int:
+    """How many devices of this type are visible (CPU: unlimited ranks share it)."""
+    if device_type == "cpu":
+        return 2**31
+    return (torch.cuda if device_type == "cuda" else torch.npu).device_count()
 
 
 def local_device(device_type: str, local_rank: int) -> torch.device:

@@ -21,22 +21,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from testbed.diagnose.verdict import verdict_record
-from testbed.record.files import (EVENTS_FILE, METRICS_FILE, RUN_FILE, environment, read_json, read_jsonl,
-                                  read_metrics, write_json_atomic)
-from testbed.engine.preflight import preflight
+from testbed.engine.finalize import finish_record, remove_stale_record, start_record
+from testbed.engine.preflight import check_components, check_devices
+from testbed.engine.signals import LauncherStopped, StopOnSignals
+from testbed.engine.teardown_wait import TeardownWait
+from testbed.record.files import read_json
+from testbed.record.rundir import DirLock, claim_run_dir
 from testbed.scenario.errors import ScenarioError
 from testbed.scenario.spec import Scenario
 
+__all__ = ["RunResult", "launch", "start_record", "finish_record", "LauncherStopped"]
+
 GRACE_S = 10.0  # how long peers of a failed rank get to write their own reports
+# After the last step a rank still exiting (using CPU) is waited for up to this long; one idle for
+# GRACE_S is killed (engine/teardown_wait.py). timeout_s bounds it too.
+TEARDOWN_MAX_S = 120.0
 POLL_S = 0.05
 # Until every rank has started step 0 (imports, model build, rendezvous: slow on a loaded machine
 # or with a big checkpoint) the stall limit is at least this long; timeout_s still bounds it.
 STARTUP_S = 300.0
 STACK_WAIT_S = 1.0  # how long a hung rank gets to dump its Python stack (faulthandler, SIGUSR1)
-# What a previous run in the same directory may have left; removed so it cannot mix with this one.
-STALE_RECORD = (METRICS_FILE, EVENTS_FILE, "timing.jsonl", "ranks/rank*.json", "ranks/rank*.stack",
-                "ranks/rank*.final.pt")
+_remove_stale_record = remove_stale_record  # the name torchrun.py imports
 
 
 @dataclass
@@ -74,8 +79,13 @@ def _rank_main(scenario_dict: dict[str, Any], rank: int, world_size: int, port: 
         ctx.store = dist.TCPStore("127.0.0.1", port, world_size + 1, is_master=False, timeout=timeout)
         worker.train(scenario, ctx)
     except BaseException as exc:  # noqa: BLE001 — every failure must reach the report
-        worker.write_error_report(ctx, exc)
-        sys.stderr.write(f"[testbed] rank {rank} failed at step {ctx.step}: {type(exc).__name__}: {exc}\n")
+        try:
+            worker.write_error_report(ctx, exc)
+        except OSError:  # a full disk: the stderr line below is all there is (no second traceback)
+            pass
+        where = f"at step {ctx.step}" if ctx.step >= 0 else "during start-up (before step 0)"
+        first = (str(exc).strip().splitlines() or [""])[0]  # one line each: gloo errors carry a trace
+        sys.stderr.write(f"[testbed] rank {rank} failed {where}: {type(exc).__name__}: {first}\n")
         sys.stderr.flush()
         os._exit(1)
 
@@ -117,92 +127,76 @@ def _stack_dump_on_signal(out_dir: Path, rank: int) -> None:
     faulthandler.register(signal.SIGUSR1, file=_stack_files[-1], all_threads=True)
 
 
-def start_record(scenario: Scenario, out_dir: Path, backend: str, launcher: str) -> dict[str, Any]:
-    """Write run.json with status 'running' before any rank starts (so a killed run still has one)."""
-    run = {
-        "scenario": scenario.to_dict(),
-        "seeds": {"scenario": scenario.seed},
-        "status": "running",
-        "launcher": launcher,
-        "started_at": time.time(),
-        "environment": environment(backend, scenario.world_size, scenario.device),
-    }
-    write_json_atomic(out_dir / RUN_FILE, run)
-    return run
+def launch(scenario: Scenario, out_dir: Path, overwrite: bool = False, claim: DirLock | None = None) -> RunResult:
+    """Run the scenario with the spawn launcher; always returns (never hangs, never leaks ranks).
+
+    Before any process starts: the device and backend are checked (ScenarioError naming the field)
+    and ``out_dir`` is claimed for this run alone (RunDirError: unusable, in use by another run, or
+    holding an earlier run unless ``overwrite``); pass ``claim`` if the caller already holds it.
+    A stop signal, Ctrl-C or a launcher error still finalizes run.json, then is re-raised.
+    """
+    out_dir = Path(out_dir)
+    check_devices(scenario)
+    lock = claim or claim_run_dir(out_dir, overwrite)
+    try:
+        with StopOnSignals() as signals:
+            return _launch_claimed(scenario, out_dir, signals)
+    finally:
+        if claim is None:
+            lock.release()
 
 
-def finish_record(out_dir: Path, run: dict[str, Any], result: RunResult) -> None:
-    """Final status; also the non-finite events (a run that goes on past a NaN is "ok" but must
-    not look clean: ``nonfinite.first`` names the rank and step where it began)."""
-    bad = [e for e in read_jsonl(out_dir / EVENTS_FILE) if str(e.get("event", "")).startswith("nonfinite")]
-    run.update({
-        "status": result.status,
-        "reason": result.reason,
-        "failed_rank": result.failed_rank,
-        "failed_step": result.failed_step,
-        "traceback": result.traceback,
-        "wall_time_s": result.wall_time_s,
-        "rank_reports": result.rank_reports,
-        "nonfinite": {"count": len(bad), "first": bad[0] if bad else None},
-        # over the completed steps, also of a failed run (docs/diagnosis.md)
-        "verdict": verdict_record(read_metrics(out_dir), world_size=run.get("scenario", {}).get("world_size")),
-    })
-    write_json_atomic(out_dir / RUN_FILE, run)
-
-
-def launch(scenario: Scenario, out_dir: Path) -> RunResult:
-    """Run the scenario with the spawn launcher; always returns (never hangs, never leaks ranks)."""
+def _launch_claimed(scenario: Scenario, out_dir: Path, signals: StopOnSignals) -> RunResult:
     import torch.distributed as dist
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_record(out_dir)
-    run = start_record(scenario, out_dir, scenario.backend, "spawn")
     started = time.monotonic()
-    try:
-        preflight(scenario)
-    except ScenarioError as e:  # bound to fail on every rank: recorded, no rank started
-        result = RunResult(out_dir, "failed", f"refused before the ranks started: {e}")
-        finish_record(out_dir, run, result)
-        return result
     n = scenario.world_size
-    store = dist.TCPStore("127.0.0.1", 0, n + 1, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=scenario.stall_timeout_s))
-    ctx = mp.get_context("spawn")
-    progress = ctx.Array("q", [-1] * n, lock=False)
-    procs = [ctx.Process(target=_rank_main, name=f"testbed-rank{r}",
-                         args=(scenario.to_dict(), r, n, store.port, str(out_dir), progress))
-             for r in range(n)]
+    run: dict[str, Any] = {}
+    procs: list[Any] = []
+    store = None
     result = RunResult(out_dir, "failed", "the launcher stopped before the ranks finished")
     try:
+        remove_stale_record(out_dir)
+        run = start_record(scenario, out_dir, scenario.backend, "spawn")
+        try:
+            check_components(scenario)
+        except ScenarioError as e:  # bound to fail on every rank: recorded, no rank started
+            result = RunResult(out_dir, "failed", f"refused before the ranks started: {e}")
+            return result
+        store = dist.TCPStore("127.0.0.1", 0, n + 1, is_master=True, wait_for_workers=False,
+                              timeout=datetime.timedelta(seconds=scenario.stall_timeout_s))
+        ctx = mp.get_context("spawn")
+        progress = ctx.Array("q", [-1] * n, lock=False)
+        procs = [ctx.Process(target=_rank_main, name=f"testbed-rank{r}",
+                             args=(scenario.to_dict(), r, n, store.port, str(out_dir), progress))
+                 for r in range(n)]
         for p in procs:
             p.start()
         result = _watch(scenario, procs, progress, out_dir, started)
-    except BaseException as exc:  # Ctrl-C or a launcher bug: recorded in run.json, then re-raised
-        result = RunResult(out_dir, "failed", f"launcher interrupted: {type(exc).__name__}: {exc}",
+    except LauncherStopped as exc:  # SIGTERM / SIGHUP: recorded, ranks killed, then re-raised
+        result = RunResult(out_dir, "failed", f"launcher stopped by {exc.signame}",
+                           rank_reports=_rank_reports(out_dir))
+        raise
+    except BaseException as exc:  # Ctrl-C, a full disk, a launcher bug: recorded in run.json, then re-raised
+        what = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        result = RunResult(out_dir, "failed", f"launcher {what}: {text}",
                            traceback=traceback.format_exc(), rank_reports=_rank_reports(out_dir))
         raise
     finally:
+        signals.hold()  # a second signal must not cut the cleanup short
         _kill_all(procs)
         del store
         result.wall_time_s = time.monotonic() - started
-        finish_record(out_dir, run, result)
+        finish_record(out_dir, run or {"scenario": scenario.to_dict(), "launcher": "spawn"}, result)
     return result
-
-
-def _remove_stale_record(out_dir: Path) -> None:
-    """A run directory holds one run: rows or error reports of an earlier run there would be
-    mixed into this one's (appended metrics, a stale report taken for the root cause)."""
-    for pattern in STALE_RECORD:
-        for path in out_dir.glob(pattern):
-            path.unlink(missing_ok=True)
 
 
 def _watch(scenario: Scenario, procs: list[Any], progress: Any, out_dir: Path, started: float) -> RunResult:
     exit_order: list[int] = []
     last_progress, last_change = list(progress), time.monotonic()
     failure_seen_at: float | None = None
-    finished_at: float | None = None  # when every rank had done all its work (teardown left)
+    teardown: TeardownWait | None = None  # from when every rank has done all its work
     finished = _finished_progress(scenario)
     while True:
         now = time.monotonic()
@@ -220,8 +214,10 @@ def _watch(scenario: Scenario, procs: list[Any], progress: Any, out_dir: Path, s
         if current != last_progress:
             last_progress, last_change = current, now
         if min(current) >= finished:  # only teardown left: no stall check, a bounded wait
-            finished_at = now if finished_at is None else finished_at
-            if now - finished_at > GRACE_S:
+            if teardown is None:
+                left = scenario.timeout_s - (now - started)
+                teardown = TeardownWait(procs, GRACE_S, min(TEARDOWN_MAX_S, left))
+            if teardown.expired(now):
                 break
         else:
             stall_limit = scenario.stall_timeout_s if min(current) >= 0 else max(scenario.stall_timeout_s, STARTUP_S)
@@ -231,7 +227,7 @@ def _watch(scenario: Scenario, procs: list[Any], progress: Any, out_dir: Path, s
                 return _timeout_result(out_dir, current, scenario)
         time.sleep(POLL_S)
     if min(progress) >= finished:
-        return _finished_result(out_dir, procs)
+        return _finished_result(out_dir, procs, teardown.waited if teardown is not None else 0.0)
     return _failure_result(out_dir, procs, exit_order, list(progress), finished)
 
 
@@ -242,10 +238,10 @@ def _finished_progress(scenario: Scenario) -> int:
     return scenario.steps * PHASES + PHASE_START
 
 
-def _finished_result(out_dir: Path, procs: list[Any]) -> RunResult:
+def _finished_result(out_dir: Path, procs: list[Any], waited: float = GRACE_S) -> RunResult:
     """Every rank finished every step and the final barrier: the record is complete, so the run
     is ok even if a rank then crashed or hung in teardown (noted in the reason)."""
-    notes = [f"rank {r} {'did not exit within %g s (killed)' % GRACE_S if p.exitcode is None else _how(p.exitcode)}"
+    notes = [f"rank {r} {'did not exit within %.0f s (killed)' % waited if p.exitcode is None else _how(p.exitcode)}"
              for r, p in enumerate(procs) if p.exitcode != 0]
     reason = "all steps finished; then during teardown " + "; ".join(notes) if notes else ""
     return RunResult(out_dir, "ok", reason)
@@ -303,38 +299,47 @@ def _failure_result(out_dir: Path, procs: list[Any], exit_order: list[int], prog
         reason = report["error"].removeprefix("NonFiniteStop: ")
     elif report is not None:
         step, tb = report.get("step"), report.get("traceback")
-        reason = f"rank {root} failed at step {step}: {report['error']}"
+        if not isinstance(step, int) or step < 0:  # failed while building the model, joining the group
+            step, where = None, "during start-up (before step 0)"
+        else:
+            where = f"at step {step}"
+        reason = f"rank {root} failed {where}: {report['error']}"
     else:
-        step, code = _step_of(progress[root]), procs[root].exitcode
+        (step, where), code = _where(progress[root]), procs[root].exitcode
         how = f"signal {_signal_name(-code)}" if code < 0 else f"exit code {code}"
         what = "exited before finishing" if root in early else "died without a report"
-        reason = f"rank {root} {what} at step {step} ({how})"
+        reason = f"rank {root} {what} {where} ({how})"
     return RunResult(out_dir, "failed", reason, root, step, tb, rank_reports=list(reports.values()))
 
 
-def _step_of(progress_value: int) -> int | None:
-    from testbed.engine.worker import PHASES
+def _where(progress_value: int) -> tuple[int | None, str]:
+    """(step, words) for a progress counter. A rank whose step N is computed is *between* steps
+    (writing the row, or waiting to start N + 1) and must not read "stuck at step N"."""
+    from testbed.engine.worker import PHASE_DONE, PHASES
 
-    return progress_value // PHASES if progress_value >= 0 else None
+    if progress_value < 0:
+        return None, "during start-up (before step 0)"
+    step, phase = divmod(progress_value, PHASES)
+    if phase == PHASE_DONE:
+        return step, f"after computing step {step} (step {step + 1} not started)"
+    return step, f"at step {step}"
 
 
-def _laggard(progress: list[int]) -> tuple[int | None, int | None]:
-    """The rank furthest behind, and its step, if it is unambiguous."""
+def _laggard(progress: list[int]) -> tuple[int | None, int | None, str, str]:
+    """The rank furthest behind (None if several are), its step, who in words, where in words."""
     low = min(progress)
     behind = [r for r, v in enumerate(progress) if v == low]
-    return (behind[0] if len(behind) == 1 else None), _step_of(low)
+    who = f"rank {behind[0]}" if len(behind) == 1 else "ranks " + ", ".join(map(str, behind))
+    step, where = _where(low)
+    return (behind[0] if len(behind) == 1 else None), step, who, where
 
 
 def _hang_result(out_dir: Path, progress: list[int], limit: float, procs: list[Any]) -> RunResult:
     """Name the rank furthest behind and attach its Python stack (dumped on SIGUSR1)."""
-    rank, step = _laggard(progress)
-    low = min(progress)
-    who = f"rank {rank}" if rank is not None else "ranks " + ", ".join(
-        str(r) for r, v in enumerate(progress) if v == low)
-    where = f"step {step}" if step is not None else "start-up (before step 0)"
-    reason = f"no progress for {limit:g} s: {who} stuck at {where} (stall_timeout_s; progress counters {progress})"
+    rank, step, who, where = _laggard(progress)
+    reason = f"no progress for {limit:g} s: {who} stuck {where} (stall_timeout_s; progress counters {progress})"
     stacks = _dump_stacks(out_dir, procs)
-    stuck = [r for r, v in enumerate(progress) if v == low]
+    stuck = [r for r, v in enumerate(progress) if v == min(progress)]
     tb = next((stacks[r] for r in stuck if stacks.get(r)), None)
     return RunResult(out_dir, "failed", reason, rank, step, tb, rank_reports=_rank_reports(out_dir))
 
@@ -370,8 +375,8 @@ def _read_text(path: Path) -> str:
 
 
 def _timeout_result(out_dir: Path, progress: list[int], scenario: Scenario) -> RunResult:
-    rank, step = _laggard(progress)
-    reason = f"run exceeded timeout_s = {scenario.timeout_s:g} s (slowest rank {rank}, step {step})"
+    rank, step, who, where = _laggard(progress)
+    reason = f"run exceeded timeout_s = {scenario.timeout_s:g} s (slowest: {who} {where})"
     return RunResult(out_dir, "failed", reason, rank, step, rank_reports=_rank_reports(out_dir))
 
 

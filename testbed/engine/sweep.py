@@ -9,17 +9,18 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any, Mapping, TextIO
 
 from testbed.diagnose.summary import summarize
 from testbed.diagnose.text import verdict_cell
 from testbed.engine.progress import watch_run
+from testbed.engine.preflight import check_devices
+from testbed.record.rundir import lock_dir
 from testbed.record.files import RUN_FILE, default_run_dir, dumps, read_json, read_metrics, write_json_atomic
 from testbed.scenario.errors import ScenarioError
 from testbed.scenario.overrides import set_dotted
-from testbed.scenario.spec import Scenario, load_scenario, parse_scenario
+from testbed.scenario.spec import Scenario, load_scenario, parse_scenario, read_toml
 from testbed.scenario.sweep import SWEEP_FILE, Level, build_levels, select_levels, sweep_parameters
 
 
@@ -28,7 +29,7 @@ def load_levels(path: Path, overrides: Mapping[str, Any] | None = None) -> tuple
     base = load_scenario(path, overrides)  # validates the file, the sweep and every level
     if not base.sweep:
         raise ScenarioError(path, "sweep", "a [sweep] table (parameter, values) to run with 'testbed sweep'")
-    raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    raw = read_toml(Path(path))
     for key, value in (overrides or {}).items():
         set_dotted(raw, key, value)
     return base, build_levels(raw, str(path), parse_scenario)
@@ -89,10 +90,17 @@ def run_sweep(path: Path, out_dir: Path | None, overrides: Mapping[str, Any] | N
     ``every_s`` / ``progress``: the live progress of each level (engine/progress.py)."""
     stream = stream or sys.stderr
     base, levels = load_levels(path, overrides)
-    params = sweep_parameters(base.sweep, base.source)
     selected = select_levels(levels, only, str(path))
+    for lv in selected:  # a device or backend this machine lacks: refused before any level runs
+        check_devices(lv.scenario)
     out_dir = Path(out_dir) if out_dir else default_run_dir(f"{base.name}-sweep")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with lock_dir(out_dir):  # one sweep at a time in a directory (RunDirError otherwise)
+        return _run_locked(path, out_dir, base, levels, selected, stream, every_s, progress)
+
+
+def _run_locked(path: Path, out_dir: Path, base: Scenario, levels: list[Level], selected: list[Level],
+                stream: TextIO, every_s: float, progress: bool) -> tuple[Path, list[Level], dict[int, str]]:
+    params = sweep_parameters(base.sweep, base.source)
     previous = out_dir / SWEEP_FILE
     if previous.exists() and read_json(previous).get("scenario") != base.name:
         raise ScenarioError(path, "<--out>", f"an empty directory or one holding a sweep of {base.name!r} "

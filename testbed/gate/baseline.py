@@ -112,6 +112,10 @@ def load(path: Path) -> dict[str, Any]:
         if not isinstance(entry, dict) or not isinstance(entry.get("values"), dict):
             raise BaselineError(f"{path}: scenarios.{name}: expected an object with a 'values' object")
         _check_tolerances(entry.get("tolerances", {}), f"{path}: scenarios.{name}.tolerances")
+        for key, value in entry["values"].items():  # refused before any scenario runs, not a TypeError after
+            if not (isinstance(value, bool) or (isinstance(value, (int, float)) and math.isfinite(value))):
+                raise BaselineError(f"{path}: scenarios.{name}.values.{key}: expected a finite number or "
+                                    f"true/false, got {json.dumps(value)}")
     return data
 
 

@@ -53,7 +53,7 @@ def execute(scenario: Scenario, out_dir: Path) -> RunData | Path:
         return sweep_dir
     from testbed.engine.runner import launch
 
-    launch(scenario, out_dir)
+    launch(scenario, out_dir, overwrite=True)  # the gate's --out is its scratch space (sweeps are removed too)
     return RunData.load(out_dir)
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import torch
 
+from testbed.scenario.bounds import Bounds
 from testbed.scenario.tables import PERTURBATIONS
 
 Batch = dict[str, torch.Tensor]
@@ -119,7 +120,8 @@ def shard_skew(plan: StepPlan, *, groups: int, keep: list[int]) -> None:
 
 
 @PERTURBATIONS.register("label_noise")
-def label_noise(plan: StepPlan, *, fraction: float = 0.2, key: str = "targets", mask_key: str = "loss_mask") -> None:
+def label_noise(plan: StepPlan, *, fraction: Annotated[float, Bounds(ge=0, le=1)] = 0.2, key: str = "targets",
+                mask_key: str = "loss_mask") -> None:
     """A ``fraction`` of the rank's targets are redrawn at random from the batch's own targets.
 
     Drawing from the batch's targets (its empirical label distribution) needs no class count and
@@ -159,7 +161,7 @@ def dropout_desync(plan: StepPlan, *, offset: int = 1) -> None:
 
 
 @PERTURBATIONS.register("straggler")
-def straggler(plan: StepPlan, *, delay_s: float = 0.2) -> None:
+def straggler(plan: StepPlan, *, delay_s: Annotated[float, Bounds(ge=0, le=10**7)] = 0.2) -> None:
     """The rank arrives ``delay_s`` late to the gradient all-reduce: timing changes, numerics must not."""
     if delay_s < 0:
         raise ValueError(f"straggler delay_s must be >= 0, got {delay_s}")
@@ -168,7 +170,7 @@ def straggler(plan: StepPlan, *, delay_s: float = 0.2) -> None:
 
 @PERTURBATIONS.register("grad_corruption")
 def grad_corruption(plan: StepPlan, *, mode: Literal["bitflip", "scale", "noise"] = "scale", factor: float = 1000.0,
-                    bit: int = 30, count: int = 1) -> None:
+                    bit: Annotated[int, Bounds(ge=0, le=63)] = 30, count: Annotated[int, Bounds(ge=1)] = 1) -> None:
     """Silent data corruption of the rank's local gradient bucket before the all-reduce.
 
     ``scale``: every bucket times ``factor``. ``noise``: Gaussian noise of std ``factor`` × the
@@ -205,7 +207,7 @@ def _flip_bits(bucket: torch.Tensor, generator: torch.Generator, bit: int, count
 
 
 @PERTURBATIONS.register("lr_mismatch")
-def lr_mismatch(plan: StepPlan, *, scale: float = 2.0) -> None:
+def lr_mismatch(plan: StepPlan, *, scale: Annotated[float, Bounds(ge=0)] = 2.0) -> None:
     """The rank's optimizer uses ``scale`` × the learning rate: identical averaged gradients, yet
     its update differs, so its weights leave the others' at the first affected step."""
     if scale < 0:

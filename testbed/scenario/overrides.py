@@ -8,6 +8,8 @@ from __future__ import annotations
 import tomllib
 from typing import Any, Iterable
 
+from testbed.scenario.errors import ScenarioError
+
 
 def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     """``set_dotted(d, "perturbations.0.ranks", [1])``: list indices are integers in the path."""
@@ -31,9 +33,13 @@ def parse_overrides(items: Iterable[str] | None, *, steps: int | None = None,
     if world_size is not None:
         out["world_size"] = world_size
     for item in items or []:
-        key, _, value = item.partition("=")
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():  # "--set optim" would silently become optim = ""
+            raise ScenarioError("--set", key or item, "KEY=VALUE, e.g. --set optim.lr=0.05", item)
         try:
             out[key] = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
             out[key] = value  # a bare string
+        except RecursionError:
+            raise ScenarioError("--set", key, "a value nested at most a few levels deep", value) from None
     return out

@@ -10,9 +10,14 @@ import inspect
 import typing
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Callable, Literal, Mapping, Union
+from typing import Annotated, Any, Callable, Literal, Mapping, Union
+
+from testbed.scenario.bounds import Bounds
 
 _MISSING = object()
+#: ``check(params) -> (parameter, expected) | None``: a rule across parameters (e.g. nesterov needs
+#: momentum > 0), run by the validator on the resolved parameters (defaults filled in).
+Check = Callable[[Mapping[str, Any]], "tuple[str, str] | None"]
 
 
 @dataclass(frozen=True)
@@ -36,15 +41,18 @@ class Registry:
         self.entry_point_group = entry_point_group
         self.skip_args = skip_args  # leading positional args supplied by the testbed itself
         self._entries: dict[str, Callable[..., Any]] = {}
+        self._checks: dict[str, Check] = {}
         self._entry_points_loaded = False
 
-    def register(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        """Decorator: ``@PERTURBATIONS.register("my_kind")``."""
+    def register(self, name: str, check: Check | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator: ``@PERTURBATIONS.register("my_kind")``; ``check`` validates across parameters."""
 
         def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
             if name in self._entries and self._entries[name] is not fn:
                 raise ValueError(f"{self.what} kind {name!r} is already registered")
             self._entries[name] = fn
+            if check is not None:
+                self._checks[name] = check
             return fn
 
         return decorate
@@ -82,10 +90,16 @@ class Registry:
         except KeyError:
             raise KeyError(f"unknown {self.what} kind {name!r}; known: {', '.join(self.names())}") from None
 
+    def check(self, name: str, params: Mapping[str, Any]) -> tuple[str, str] | None:
+        """The kind's rule across its parameters: ``(parameter, expected)`` if broken, else None."""
+        self._load_entry_points()
+        rule = self._checks.get(name)
+        return rule(params) if rule is not None else None
+
     def params(self, name: str) -> dict[str, Param]:
         """The keyword parameters of entry ``name`` (its scenario schema)."""
         fn = self.get(name)
-        hints = typing.get_type_hints(fn)
+        hints = typing.get_type_hints(fn, include_extras=True)  # keep Annotated[..., Bounds(...)]
         out: dict[str, Param] = {}
         for i, (pname, p) in enumerate(inspect.signature(fn).parameters.items()):
             if i < self.skip_args or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
@@ -105,6 +119,11 @@ def coerce(value: Any, annotation: Any) -> Any:
         return value
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
+    if origin is Annotated:  # a type with Bounds: the type first, then every bound
+        value = coerce(value, args[0])
+        if not all(b.holds(value) for b in args[1:] if isinstance(b, Bounds)):
+            raise TypeError(describe(annotation))
+        return value
     if origin is Literal:
         if value in args:
             return value
@@ -161,6 +180,9 @@ def describe(annotation: Any) -> str:
         return names[annotation]
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
+    if origin is Annotated:
+        bounds = [b.describe() for b in args[1:] if isinstance(b, Bounds)]
+        return " ".join([describe(args[0]), " and ".join(b for b in bounds if b)]).strip()
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in args)
     if origin in (list, tuple):

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from testbed.scenario.bounds import FLOAT32_MAX, representable
 from testbed.scenario.errors import ScenarioError
 from testbed.scenario.expect import validate_expect
 from testbed.scenario.overrides import set_dotted
@@ -110,20 +111,20 @@ _BACKENDS = ("auto", "gloo", "nccl", "hccl")
 MAX_WORLD_SIZE = 4096
 MAX_STEPS = 10**9
 MAX_SECONDS = 10**7  # ~116 days
+# The default run directory is runs/<name>-<time>: a name is one path component (no separator, not
+# "." or "..") of at most MAX_NAME characters, so the directory stays under runs/ and its name
+# (with the 16-character time stamp) fits the 255-byte limit of common filesystems.
+MAX_NAME, MAX_NAME_BYTES = 128, 200
+# No scenario field nests deeper than a few levels; a deeper document is refused before the
+# parser or the validator recurses into it (a 500-deep array was a 3,000-line RecursionError).
+MAX_DEPTH = 32
 _DEVICES = ("auto", "cpu", "cuda", "npu")
 
 
 def load_scenario(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Scenario:
     """Read and validate a scenario file; ``overrides`` maps dotted keys to new values."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ScenarioError(path, "<file>", "an existing scenario file") from None
-    except OSError as e:  # a directory, no permission, an I/O error
-        raise ScenarioError(path, "<file>", f"a readable scenario file ({e.strerror or e})") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ScenarioError(path, "<file>", f"valid TOML ({e})") from None
+    raw = read_toml(path)
     for key, value in (overrides or {}).items():
         try:
             set_dotted(raw, key, value)
@@ -133,16 +134,33 @@ def load_scenario(path: str | Path, overrides: Mapping[str, Any] | None = None) 
     return parse_scenario(raw, source=str(path))
 
 
+def read_toml(path: Path) -> dict[str, Any]:
+    """The file's TOML table (a UTF-8 byte-order mark is accepted), or one ScenarioError."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ScenarioError(path, "<file>", "an existing scenario file") from None
+    except OSError as e:  # a directory, no permission, an I/O error
+        raise ScenarioError(path, "<file>", f"a readable scenario file ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise ScenarioError(path, "<file>", f"valid TOML ({e})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ScenarioError(path, "<file>", f"valid TOML ({e})") from None
+    except RecursionError:
+        raise ScenarioError(path, "<file>", f"TOML nested at most {MAX_DEPTH} levels deep") from None
+
+
 def parse_scenario(raw: Mapping[str, Any], source: str = "<memory>") -> Scenario:
     """Validate a scenario given as a dict (already parsed TOML)."""
     from testbed.scenario.tables import DATASETS, MODELS, OPTIMIZERS, PERTURBATIONS
 
+    _check_depth(raw, source)
     raw = copy.deepcopy(dict(raw))
     v = _Validator(source)
     v.no_unknown(raw, _TOP_KEYS, "")
-    name = v.get(raw, "name", str)
-    if not name.strip():
-        raise ScenarioError(source, "name", "a non-empty string", name)
+    name = _check_name(v.get(raw, "name", str), source)
     world_size = v.get(raw, "world_size", int)
     if world_size < 2:
         raise ScenarioError(source, "world_size", "an integer >= 2 (data parallelism needs two ranks)", world_size)
@@ -157,6 +175,7 @@ def parse_scenario(raw: Mapping[str, Any], source: str = "<memory>") -> Scenario
     if batch_size < 1:
         raise ScenarioError(source, "data.batch_size", "an integer >= 1", batch_size)
     data = v.component(raw, "data", DATASETS, extra={"batch_size"})
+    _check_data_size(data, DATASETS, world_size, batch_size, source)
     optim = v.component(raw, "optim", OPTIMIZERS, extra=SCHEDULE_KEYS)
     schedule = read_schedule(raw["optim"], source, steps)
     metrics = v.metrics(raw.get("metrics", {}))
@@ -215,10 +234,11 @@ class _Validator:
 
     def positive(self, table: Mapping[str, Any], key: str, typ: Any, default: Any, upper: float | None = None) -> Any:
         value = self.get(table, key, typ, default)
+        what = _describe(typ).removeprefix("an ").removeprefix("a ")  # "a positive integer", one space
         if value <= 0 or (isinstance(value, float) and not math.isfinite(value)):
-            raise ScenarioError(self.source, key, f"a positive {_describe(typ)[2:]}", value)
+            raise ScenarioError(self.source, key, f"a positive {what}", value)
         if upper is not None and value > upper:
-            raise ScenarioError(self.source, key, f"a positive {_describe(typ)[2:]} <= {upper:g}", value)
+            raise ScenarioError(self.source, key, f"a positive {what} <= {upper:g}", value)
         return value
 
     def choice(self, table: Mapping[str, Any], key: str, options: tuple[str, ...], default: str) -> str:
@@ -255,9 +275,16 @@ class _Validator:
                 out[key] = coerce(value, schema[key].annotation)
             except TypeError as e:
                 raise ScenarioError(self.source, where + key, str(e), value) from None
+            if not representable(out[key]):  # NaN, Inf, 1e308: no float32 tensor op takes them
+                raise ScenarioError(self.source, where + key,
+                                    f"a finite number of magnitude <= {FLOAT32_MAX:.4g} (float32)", value)
         for pname, p in schema.items():
             if p.required and pname not in out:
                 raise ScenarioError(self.source, where + pname, f"{_describe(p.annotation)} (required by {kind!r})")
+        resolved = {**{k: p.default for k, p in schema.items() if not p.required}, **out}
+        broken = registry.check(kind, resolved)
+        if broken is not None:
+            raise ScenarioError(self.source, where + broken[0], broken[1], resolved.get(broken[0], ...))
         return out
 
     def component(self, raw: Mapping[str, Any], key: str, registry: Registry,
@@ -326,6 +353,43 @@ def resolve_ranks(value: Any, world_size: int, source: str, where: str) -> tuple
             raise ScenarioError(source, where, "distinct ranks", value)
         return tuple(sorted(value))
     raise ScenarioError(source, where, 'a list of ranks, a fraction in [0, 1], "all" or "none"', value)
+
+
+def _check_depth(raw: Mapping[str, Any], source: str) -> None:
+    """Refuse a document nested deeper than MAX_DEPTH (iteratively: no recursion to overflow)."""
+    stack: list[tuple[Any, int, str]] = [(v, 1, str(k)) for k, v in raw.items()]
+    while stack:
+        node, depth, top = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ScenarioError(source, top, f"a value nested at most {MAX_DEPTH} levels deep")
+        children = node.values() if isinstance(node, Mapping) else node if isinstance(node, list) else ()
+        stack.extend((c, depth + 1, top) for c in children)
+
+
+def _check_name(name: str, source: str) -> str:
+    """The name becomes the directory runs/<name>-<time>: one safe path component, not too long."""
+    if not name.strip():
+        raise ScenarioError(source, "name", "a non-empty string", name)
+    if len(name) > MAX_NAME or len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise ScenarioError(source, "name", f"at most {MAX_NAME} characters and {MAX_NAME_BYTES} UTF-8 bytes "
+                            f"(it names the run directory; this one has {len(name)} characters)", name)
+    if name in (".", "..") or any(c in name for c in "/\\") or not name.isprintable():
+        raise ScenarioError(source, "name", "a name without '/', '\\' or control characters, not '.' or '..' "
+                            "(it names the run directory under runs/)", name)
+    return name
+
+
+def _check_data_size(data: Component, registry: Registry, world_size: int, batch_size: int, source: str) -> None:
+    """A dataset kind with a ``size`` must give every rank one full batch per epoch (the sampler's
+    rule: ceil(size / world_size) >= batch_size), else every rank fails at start-up."""
+    schema = registry.params(data.kind)
+    if "size" not in schema:
+        return
+    size = data.params.get("size", schema["size"].default)
+    if isinstance(size, int) and -(-size // world_size) < batch_size:
+        need = world_size * (batch_size - 1) + 1
+        raise ScenarioError(source, "data.size", f"at least {need} samples ({world_size} ranks × data.batch_size "
+                            f"{batch_size}: one full batch per rank)", size)
 
 
 def _describe(typ: Any) -> str:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 import torch
 
 from testbed.perturb.perturbations import StepPlan, derive_seed
+from testbed.scenario.bounds import Bounds
 from testbed.scenario.tables import DATASETS
 
 
@@ -43,7 +44,8 @@ class TensorDataset:
 
 @DATASETS.register("synthetic")
 def synthetic_classification(
-    seed: int, *, size: int = 4096, features: int = 32, classes: int = 8, noise: float = 0.5
+    seed: int, *, size: Annotated[int, Bounds(ge=1)] = 4096, features: Annotated[int, Bounds(ge=1)] = 32,
+    classes: Annotated[int, Bounds(ge=2)] = 8, noise: Annotated[float, Bounds(ge=0)] = 0.5
 ) -> TensorDataset:
     """Gaussian inputs labelled by a fixed random linear teacher plus noise (learnable, not trivial)."""
     if size < 1 or features < 1 or classes < 2:

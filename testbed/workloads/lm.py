@@ -8,10 +8,13 @@ returns the mean cross-entropy over the targets whose ``loss_mask`` is set (resp
 """
 from __future__ import annotations
 
+from typing import Annotated, Any, Mapping
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from testbed.scenario.bounds import Bounds
 from testbed.workloads.data import Dataset
 from testbed.scenario.tables import MODELS
 
@@ -85,9 +88,16 @@ def _init(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-@MODELS.register("transformer")
-def transformer(dataset: Dataset, *, d_model: int = 64, layers: int = 2, heads: int = 4, mlp_ratio: int = 4,
-                dropout: float = 0.1) -> nn.Module:
+def _heads_divide_d_model(p: Mapping[str, Any]) -> tuple[str, str] | None:
+    return None if p["d_model"] % p["heads"] == 0 else ("heads", f"a divisor of d_model ({p['d_model']})")
+
+
+AtLeastOne = Annotated[int, Bounds(ge=1)]
+
+
+@MODELS.register("transformer", check=_heads_divide_d_model)
+def transformer(dataset: Dataset, *, d_model: AtLeastOne = 64, layers: AtLeastOne = 2, heads: AtLeastOne = 4,
+                mlp_ratio: AtLeastOne = 4, dropout: Annotated[float, Bounds(ge=0, lt=1)] = 0.1) -> nn.Module:
     """Causal LM over a token dataset (needs ``info['vocab_size']`` and ``info['seq_len']``)."""
     for key in ("vocab_size", "seq_len"):
         if key not in dataset.info:

@@ -2,8 +2,12 @@
 worker loop is the same for every kind (no per-model training loops)."""
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import nn
+
+from testbed.scenario.bounds import Bounds
 
 from testbed.workloads.data import Dataset
 from testbed.scenario.tables import MODELS
@@ -29,7 +33,8 @@ class MLPClassifier(nn.Module):
 
 
 @MODELS.register("mlp")
-def mlp(dataset: Dataset, *, hidden: int = 64, depth: int = 2, dropout: float = 0.0) -> nn.Module:
+def mlp(dataset: Dataset, *, hidden: Annotated[int, Bounds(ge=1)] = 64, depth: Annotated[int, Bounds(ge=0)] = 2,
+        dropout: Annotated[float, Bounds(ge=0, lt=1)] = 0.0) -> nn.Module:
     """MLP over a classification dataset (needs ``info['features']`` and ``info['classes']``)."""
     if hidden < 1 or depth < 0 or not 0.0 <= dropout < 1.0:
         raise ValueError("mlp needs hidden >= 1, depth >= 0 and 0 <= dropout < 1")

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Callable
+from typing import Annotated, Callable
 
 import torch
 
+from testbed.scenario.bounds import Bounds
 from testbed.workloads.data import TensorDataset
 from testbed.perturb.perturbations import derive_seed
 from testbed.scenario.tables import DATASETS
@@ -120,8 +121,8 @@ def decode(ids: list[int]) -> str:
 
 
 @DATASETS.register("alpaca_synthetic")
-def alpaca_synthetic(seed: int, *, size: int = 2048, seq_len: int = 128,
-                     tasks: list[str] = list(TASKS)) -> TensorDataset:
+def alpaca_synthetic(seed: int, *, size: Annotated[int, Bounds(ge=1)] = 2048,
+                     seq_len: Annotated[int, Bounds(ge=1)] = 128, tasks: list[str] = list(TASKS)) -> TensorDataset:
     """Alpaca-style records from the seed: ``input_ids``, ``targets``, ``loss_mask`` of shape [size, seq_len].
 
     ``info`` gives the model builder ``vocab_size`` and ``seq_len``, and ``groups`` (the task

@@ -1,0 +1,59 @@
+"""Signals that end the launcher end it like Ctrl-C: the run is finalized, not abandoned.
+
+SIGTERM (``timeout``, CI cancellation, a scheduler) and SIGHUP (a closed terminal) used to kill
+the launcher outright: exit -15, nothing printed, ``run.json`` left ``running`` and the ranks only
+reaped by their parent-death signal. Inside :class:`StopOnSignals` they raise
+:class:`LauncherStopped` in the main thread instead, so the launcher's ``finally`` kills the
+ranks, repairs the record and writes the final status. During that cleanup further signals (a
+second Ctrl-C, ``timeout``'s repeat) are noted, not obeyed: the record must be finished.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+from typing import Any, Callable
+
+#: the signals that stop the launcher (SIGINT already raises KeyboardInterrupt)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+class LauncherStopped(KeyboardInterrupt):
+    """A stop signal reached the launcher; a KeyboardInterrupt so every Ctrl-C path handles it."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        self.signame = signal.Signals(signum).name
+        super().__init__(f"{self.signame} received")
+
+
+class StopOnSignals:
+    """While active (main thread only; elsewhere it does nothing), SIGTERM/SIGHUP raise
+    LauncherStopped; ``hold()`` then turns every stop signal, SIGINT too, into a note."""
+
+    def __init__(self) -> None:
+        self.noted: list[int] = []
+        self._previous: dict[int, Callable[..., Any] | int | None] = {}
+
+    def __enter__(self) -> "StopOnSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (*STOP_SIGNALS, signal.SIGINT):
+                self._previous[sig] = signal.getsignal(sig)
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, self._raise)
+        return self
+
+    def hold(self) -> None:
+        for sig in self._previous:
+            signal.signal(sig, self._note)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def _raise(self, signum: int, frame: FrameType | None) -> None:
+        raise LauncherStopped(signum)
+
+    def _note(self, signum: int, frame: FrameType | None) -> None:
+        self.noted.append(signum)

@@ -83,8 +83,8 @@ def format_table(summary: dict[str, Any]) -> str:
         lines.append(f"{'weights_in_sync':<20}{str(summary['weights_in_sync']):>12}"
                      + (f"   (first divergence at step {first}: rank(s) {ranks} differ from "
                         f"{summary.get('weight_divergence_reference')})" if first is not None else ""))
-    if "outlier" in summary:
-        lines.append(f"{'outlier':<20}{describe_outlier(summary['outlier'])}")
+    if "outlier" in summary:  # the verdict's spike rule, shown per step; the verdict line judges the run
+        lines.append(f"{'largest spike':<20}{describe_outlier(summary['outlier'])}")
     if summary.get("flag_count"):
         kinds = sorted({f"{f['kind']}@rank{f['rank']}" for f in summary["flags"]})
         lines.append(f"{'flags':<20}{summary['flag_count']:>12}   {', '.join(kinds[:6])}")

@@ -157,3 +157,36 @@ def test_loss_reader_without_num_items_takes_the_loss_as_is() -> None:
     reader = LossReader()
     assert float(reader(torch.nn.Identity(), {"labels": LM_LABELS}, torch.tensor(2.5))) == 2.5
     assert reader.uses_num_items is None
+
+
+def test_the_online_consistency_test_alarms_on_an_offset_rank_and_not_on_exchangeable_ones(one_rank: None) -> None:
+    """The verdict's sequential test runs inside the monitor: rows where rank 3's loss sits 10 %
+    above the others raise one ``inconsistent`` alarm naming rank 3; exchangeable rows raise none."""
+    import numpy as np
+
+    from testbed.diagnose.sequential import SequentialTest
+
+    def rows(offset: float, seed: int) -> list[dict[str, Any]]:
+        rng = np.random.default_rng(seed)
+        out = []
+        for step in range(80):
+            loss = 2.0 * np.exp(rng.normal(0, 0.02, 4))
+            loss[3] *= 1 + offset
+            norm = np.exp(rng.normal(0, 0.05, 4))
+            out.append({"step": step, "loss": loss.tolist(), "grad_norm": norm.tolist(),
+                        "cos_to_mean": (0.6 + rng.normal(0, 0.02, 4)).tolist(), "flags": []})
+        return out
+
+    for offset, seed in ((0.0, 1), (0.0, 2), (0.10, 3)):
+        model, _ = _model()  # a DDP model takes one comm hook: a fresh one per monitor
+        with testbed.attach(model) as monitor:
+            monitor.sequential = SequentialTest(4, 0.01)  # the rows below come from 4 simulated ranks
+            heard: list[dict[str, Any]] = []
+            monitor.on_alarm.append(heard.append)
+            for row in rows(offset, seed):
+                monitor._builtin_alarms(row)
+        if offset == 0:
+            assert heard == []
+        else:
+            assert [(e["kind"], e["ranks"], e["metric"]) for e in heard] == [("inconsistent", [3], "loss")]
+            assert heard[0]["step"] < 40 and heard[0]["e_value"] >= 100

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from testbed.engine.hook import ConsistencyState, install
+from testbed.diagnose.sequential import SequentialTest
 from testbed.engine.gather import gather_row
 from testbed.engine.gather import weight_sync as _weight_sync
 from testbed.diagnose.summary import diverging_ranks
@@ -55,7 +56,7 @@ class Monitor:
     def __init__(self, ddp_model: DDP, state: ConsistencyState, *, every: int = 1, pairwise_every: int = 0,
                  weight_check_every: int = 0, batch_size: int | None = None, noise_scale_ema: float = 0.9,
                  out_dir: str | Path | None = None, keep_rows: bool = True, tensorboard: str | Path | None = None,
-                 optimizer: torch.optim.Optimizer | None = None):
+                 optimizer: torch.optim.Optimizer | None = None, alpha: float | None = 0.01):
         if every < 1 or pairwise_every < 0 or weight_check_every < 0:
             raise ValueError("attach needs every >= 1, pairwise_every >= 0 and weight_check_every >= 0")
         self.ddp, self.state = ddp_model, state
@@ -75,6 +76,10 @@ class Monitor:
         self.tensorboard = _tensorboard_sink(tensorboard) if tensorboard is not None and self.rank == 0 else None
         self._events: JsonlWriter | None = None
         self._alarmed: set[str] = set()
+        # The verdict's online test (diagnose/sequential.py): anytime-valid, so the chance of a false
+        # alarm over the whole run is <= alpha however long it runs. Every rank sees the same rows,
+        # so every rank raises the same alarm at the same step.
+        self.sequential = SequentialTest(state.world_size, alpha) if alpha is not None else None
         self._forwards, self._warned_accum = 0, False
         # Counts training forwards between steps: several with one loss given = accumulation, warned.
         self._forward_hook: Any = ddp_model.register_forward_pre_hook(self._count_forward)
@@ -160,6 +165,12 @@ class Monitor:
             what = ", ".join(f"{f['kind']} on rank {f['rank']}" for f in bad)
             self.alarm("nonfinite", f"non-finite values: {what}", step=row["step"],
                        ranks=sorted({f["rank"] for f in bad if f["rank"] is not None}))
+        found = self.sequential.update(row) if self.sequential is not None else None
+        if found is not None and found.kind in ("persistent", "transient"):  # the other two: raised above
+            ranks = [found.rank] if found.rank is not None else list(found.ranks)
+            self.alarm("inconsistent", f"ranks are not exchangeable: {found.describe()} (online test, "
+                       f"alpha = {self.sequential.alpha})", step=found.step, ranks=ranks, metric=found.metric,
+                       evidence=found.kind, e_value=found.e_value)
 
     def _count_forward(self, module: torch.nn.Module, args: Any) -> None:
         if module.training and torch.is_grad_enabled():
@@ -204,12 +215,13 @@ class Monitor:
 def attach(ddp_model: DDP, *, out_dir: str | Path | None = None, every: int = 1, pairwise_every: int = 0,
            weight_check_every: int = 0, batch_size: int | None = None, noise_scale_ema: float = 0.9,
            process_group: dist.ProcessGroup | None = None, tensorboard: str | Path | None = None,
-           optimizer: torch.optim.Optimizer | None = None) -> Monitor:
+           optimizer: torch.optim.Optimizer | None = None, alpha: float | None = 0.01) -> Monitor:
     """Install the consistency hook on ``ddp_model`` and return its :class:`Monitor`.
 
     ``batch_size`` (samples per rank per optimizer step) enables the gradient-noise-scale
     estimate; ``out_dir`` makes rank 0 append rows to ``out_dir/metrics.jsonl``; ``tensorboard``
-    (a log directory) makes rank 0 write the rows as TensorBoard scalars; ``optimizer`` adds
+    (a log directory) makes rank 0 write the rows as TensorBoard scalars; ``alpha`` is the false-alarm
+    rate of the online consistency test over the whole run (None: off); ``optimizer`` adds
     ``lr`` to each row (its first param group's lr as ``optimizer.step()`` used it, scheduler or not).
     """
     if not isinstance(ddp_model, DDP):
@@ -221,7 +233,7 @@ def attach(ddp_model: DDP, *, out_dir: str | Path | None = None, every: int = 1,
                            "attach replaces DDP's default all-reduce, not a custom hook such as fp16 compression)") from e
     return Monitor(ddp_model, state, every=every, pairwise_every=pairwise_every, weight_check_every=weight_check_every,
                    batch_size=batch_size, noise_scale_ema=noise_scale_ema, out_dir=out_dir, tensorboard=tensorboard,
-                   optimizer=optimizer)
+                   optimizer=optimizer, alpha=alpha)
 
 
 def weight_sync(ddp_model: DDP, process_group: dist.ProcessGroup | None = None) -> Row:

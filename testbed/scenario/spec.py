@@ -56,6 +56,16 @@ class MetricsSpec:
 
 
 @dataclass(frozen=True)
+class ParallelSpec:
+    """``[parallel]``: how the model is data-parallel. ``ddp`` replicates it (DDP comm hook);
+    ``fsdp2`` shards it with ``fully_shard``, one unit per layer, and measures in the
+    reduce-scatter (engine/fsdp.py)."""
+
+    kind: str = "ddp"  # ddp | fsdp2
+    reshard_after_forward: bool = True  # fsdp2: free the gathered layer weights after forward
+
+
+@dataclass(frozen=True)
 class Scenario:
     """A fully validated, resolved scenario; ``to_dict`` round-trips through ``from_dict``."""
 
@@ -77,6 +87,7 @@ class Scenario:
     on_nonfinite: str = "continue"
     perturbations: tuple[PerturbationSpec, ...] = ()
     metrics: MetricsSpec = MetricsSpec()
+    parallel: ParallelSpec = ParallelSpec()
     expect: dict[str, Any] = field(default_factory=dict)
     sweep: dict[str, Any] = field(default_factory=dict)
     source: str = "<memory>"
@@ -92,13 +103,14 @@ class Scenario:
             PerturbationSpec(**{**p, "ranks": tuple(p["ranks"])}) for p in d.get("perturbations", ())
         )
         d["metrics"] = MetricsSpec(**d.get("metrics", {}))
+        d["parallel"] = ParallelSpec(**d.get("parallel", {}))
         return Scenario(**d)
 
 
 _TOP_KEYS = {
     "name", "description", "world_size", "steps", "seed", "backend", "device", "grad_accum",
     "threads_per_rank", "timeout_s", "stall_timeout_s", "on_nonfinite", "model", "data", "optim",
-    "perturbations", "metrics", "expect", "sweep",
+    "perturbations", "metrics", "parallel", "expect", "sweep",
 }
 _BACKENDS = ("auto", "gloo", "nccl", "hccl")
 # Bounds that keep a typo from becoming a memory blow-up or an overflow far from the file: ranks
@@ -108,6 +120,7 @@ MAX_WORLD_SIZE = 4096
 MAX_STEPS = 10**9
 MAX_SECONDS = 10**7  # ~116 days
 _DEVICES = ("auto", "cpu", "cuda", "npu")
+_PARALLEL_KINDS = ("ddp", "fsdp2")
 
 
 def load_scenario(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Scenario:
@@ -156,6 +169,7 @@ def parse_scenario(raw: Mapping[str, Any], source: str = "<memory>") -> Scenario
     data = v.component(raw, "data", DATASETS, extra={"batch_size"})
     optim = v.component(raw, "optim", OPTIMIZERS)
     metrics = v.metrics(raw.get("metrics", {}))
+    parallel = v.parallel(raw.get("parallel", {}), raw.get("expect", {}))
     perturbations = tuple(
         v.perturbation(p, i, world_size, steps, PERTURBATIONS)
         for i, p in enumerate(v.list_of_tables(raw, "perturbations"))
@@ -179,6 +193,7 @@ def parse_scenario(raw: Mapping[str, Any], source: str = "<memory>") -> Scenario
         on_nonfinite=v.choice(raw, "on_nonfinite", ("continue", "stop"), "continue"),
         perturbations=perturbations,
         metrics=metrics,
+        parallel=parallel,
         expect=validate_expect(raw.get("expect", {}), source, steps=steps,
                                pairwise_every=metrics.pairwise_every,
                                weight_check_every=metrics.weight_check_every, has_sweep=bool(raw.get("sweep"))),
@@ -280,6 +295,22 @@ class _Validator:
         if not 0.0 <= values["noise_scale_ema"] < 1.0:
             raise ScenarioError(self.source, "metrics.noise_scale_ema", "a number in [0, 1)", values["noise_scale_ema"])
         return MetricsSpec(**values)
+
+    def parallel(self, table: Any, expect: Any) -> ParallelSpec:
+        if not isinstance(table, Mapping):
+            raise ScenarioError(self.source, "parallel", "a table", table)
+        self.no_unknown(table, set(asdict(ParallelSpec())), "parallel.")
+        kind = self.get(table, "kind", str, "ddp", where="parallel.")
+        if kind not in _PARALLEL_KINDS:
+            raise ScenarioError(self.source, "parallel.kind", "one of " + ", ".join(map(repr, _PARALLEL_KINDS)), kind)
+        reshard = self.get(table, "reshard_after_forward", bool, True, where="parallel.")
+        if kind == "ddp" and "reshard_after_forward" in table:
+            raise ScenarioError(self.source, "parallel.reshard_after_forward", "no such field for kind 'ddp' "
+                                "(it applies to kind = 'fsdp2')", reshard)
+        if kind == "fsdp2" and isinstance(expect, Mapping) and expect.get("weights_in_sync") is False:
+            raise ScenarioError(self.source, "expect.weights_in_sync", "true or absent: under fsdp2 there are no "
+                                "replicas to diverge (each rank holds a shard)", False)
+        return ParallelSpec(kind, reshard)
 
     def perturbation(self, table: Mapping[str, Any], index: int, world_size: int, steps: int,
                      registry: Registry) -> PerturbationSpec:

@@ -4,8 +4,9 @@ The comm hook leaves each rank holding three scalars (its loss, ‖g_i‖², g_i
 those builds the row every rank agrees on (``metrics.step`` does the math). Buckets that took the
 all-to-all path (pairwise steps, bf16 buckets, FSDP2) leave each rank a share of the Gram matrix
 instead; the same one all-gather then carries 3 + N² scalars per rank, and the sum of the shares
-is the exact ``G``. The weight check is a second all-gather of one exact integer per rank. The runner's worker and the drop-in monitor call
-the same functions, so a row means the same thing whoever recorded it.
+is the exact ``G``. The weight check is a second all-gather of one exact integer per rank. The
+runner's worker and the drop-in monitor call the same functions, so a row means the same thing
+whoever recorded it.
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 _WRAPPED = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "broadcast",
-            "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single")
+            "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single", "all_to_all", "all_to_all_single")
 
 
 def _nbytes(x: Any) -> int:
@@ -47,6 +47,8 @@ def _sizes(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[in
         out, inp = (list(args) + [kwargs.get("output_tensor"), kwargs.get("input_tensor")])[:2]
         return _nbytes(inp), _nbytes(out)
     out, inp = (list(args) + [None, None])[:2]  # reduce_scatter*, all_to_all*: (output, input)
+    out = kwargs.get("output", kwargs.get("output_tensor", out))  # FSDP2 passes them by keyword
+    inp = kwargs.get("input", kwargs.get("input_tensor", inp))
     return _nbytes(inp), _nbytes(out)
 
 

@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         info.update(wall_s=time.monotonic() - started, loadavg_end=list(os.getloadavg()))
     rows = report.summarize(records)
     print(report.format_table(rows))
+    print(report.BASELINE_NOTE)
     for line in report.check_targets(rows):
         print("  " + line)
     print(f"[bench] load average at end: {', '.join(f'{x:.2f}' for x in info['loadavg_end'])}; "

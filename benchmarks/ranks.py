@@ -118,7 +118,8 @@ def _memory_config(bench: Bench, plan: dict[str, Any]) -> list[dict[str, Any]]:
         with counting() as counter:
             bench.step(v)
         traffic = counter.total()
-        buckets = reducer_bucket_sizes(bench.plain if v == "plain" else bench.hooked) if v != "naive" else []
+        ddp = {"plain": "plain", "metrics": "hooked", "a2a": "hooked", "idle": "hooked", "pairwise": "legacy"}.get(v)
+        buckets = reducer_bucket_sizes(bench.models[ddp]) if ddp else []
         if v == "plain":  # the C++ reducer's all-reduce never reaches Python: count its buckets
             traffic = {"sent": traffic["sent"] + sum(buckets), "received": traffic["received"] + sum(buckets),
                        "calls": traffic["calls"] + len(buckets)}
@@ -127,7 +128,8 @@ def _memory_config(bench: Bench, plan: dict[str, Any]) -> list[dict[str, Any]]:
                     "peak_resettable": all(p[2] for p in per_rank), "traffic": traffic,
                     "traffic_by_op": {"sent": dict(counter.sent), "received": dict(counter.received),
                                       "calls": dict(counter.calls)},
-                    "reducer_buckets": buckets, "hook_all_reduce_calls": counter.call_sizes.get("all_reduce", [])})
+                    "reducer_buckets": buckets, "hook_all_reduce_calls": counter.call_sizes.get("all_reduce", []),
+                    "hook_all_to_all_calls": counter.call_sizes.get("all_to_all_single", [])})
     return out
 
 
@@ -143,7 +145,7 @@ def rank_main(rank: int, world_size: int, port: int, plan: dict[str, Any], resul
         for cfg in plan["configs"]:
             for mode in plan["modes"]:
                 load_before = os.getloadavg()
-                bench = Bench(SIZES[cfg["size"]], cfg["batch"], rank, world_size)
+                bench = Bench(SIZES[cfg["size"]], cfg["batch"], rank, world_size, variants=plan["variants"])
                 rows = (_time_config if mode == "time" else _memory_config)(bench, plan)
                 base = {"mode": mode, "world_size": world_size, "size": cfg["size"],
                         "parameters": bench.size.parameters, "batch": cfg["batch"],

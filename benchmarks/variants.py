@@ -1,19 +1,27 @@
 """The same data-parallel training step in each variant the overhead benchmark compares.
 
 All variants live in one process group and are stepped in turn, so load drift on a shared
-machine hits them alike. Two DDP models of identical shape and initialisation are built: one with
-no comm hook (DDP's built-in C++ all-reduce) and one with ``testbed.engine.hook.install``. The naive
-variant reuses the first model's inner module outside DDP, as a user without a comm hook would
-have to (the local gradient must exist before any all-reduce replaces it).
+machine hits them alike. Each variant has its own model of identical shape and initialisation
+(built only for the variants a run asks for): DDP with no comm hook (DDP's built-in C++
+all-reduce), DDP with ``testbed.engine.hook.install``, DDP with the legacy chunked all-gather hook,
+and two FSDP2 models sharded per layer (``testbed.engine.fsdp.shard``), one with testbed's
+reduce-scatter. The naive variant reuses the plain model's inner module outside DDP, as a user
+without a comm hook would have to (the local gradient must exist before any all-reduce replaces it).
 
 - ``plain``    (a): DDP, no hook registered.
 - ``metrics``  (b): testbed hook measuring, plus ``testbed.engine.worker.gather_metrics`` — the exact
   per-step code path of ``testbed run`` (scalar all_gather, step_metrics, noise scale).
-- ``pairwise`` (c): as (b), plus the exact N×N Gram/cosine matrix every step.
+- ``pairwise`` (c): the previous pairwise design (benchmarks/legacy_pairwise.py): chunked
+  all-gather of every bucket plus the all-reduce, every step.
+- ``a2a``      (c2): testbed's pairwise path: (b) with the exact N×N matrix every step, every bucket
+  through the all-to-all path (``metrics.pairwise_every = 1``).
 - ``naive``    (d): backward without DDP, all_gather of every rank's full flattened gradient,
   metrics and the mean from the gathered [N, D] matrix, mean written back as the gradient.
 - ``idle``     (e): hook installed, step not measured — what the steps between measurements cost
   with ``metrics.every = k > 1``.
+- ``fsdp``     (f): plain FSDP2 (``fully_shard`` per Linear, then the root; default reduce-scatter).
+- ``fsdp_metrics`` (f2): FSDP2 with testbed's reduce-scatter measuring every step, pairwise matrix
+  included, plus the worker's row gather (compared with (f), not with plain DDP).
 """
 from __future__ import annotations
 
@@ -25,21 +33,27 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from testbed.engine import worker
+from benchmarks import legacy_pairwise
+from testbed.engine import fsdp, worker
 from testbed.workloads.data import ShardedSampler
 from testbed.engine.hook import install
 from testbed.metrics.step import NoiseScaleEMA, mean_offdiagonal, pairwise_cosine, step_metrics
 from testbed.scenario.tables import DATASETS, MODELS, OPTIMIZERS
 from testbed.scenario.spec import parse_scenario
 
-VARIANTS: tuple[str, ...] = ("plain", "metrics", "pairwise", "naive", "idle")
+VARIANTS: tuple[str, ...] = ("plain", "metrics", "pairwise", "a2a", "naive", "idle", "fsdp", "fsdp_metrics")
 LABELS: dict[str, str] = {
     "plain": "(a) plain DDP",
     "metrics": "(b) DDP + testbed metrics",
-    "pairwise": "(c) DDP + metrics + pairwise",
+    "pairwise": "(c) pairwise, old chunked all-gather",
+    "a2a": "(c2) DDP + metrics + pairwise, all-to-all",
     "naive": "(d) naive all_gather",
     "idle": "(e) hook, unmeasured step",
+    "fsdp": "(f) plain FSDP2",
+    "fsdp_metrics": "(f2) FSDP2 + testbed metrics + pairwise",
 }
+BASELINE: dict[str, str] = {"fsdp_metrics": "fsdp"}  # ratio column: against this variant, else plain DDP
+_DDP_HOOKED = ("metrics", "a2a", "idle")
 
 
 @dataclass(frozen=True)
@@ -68,9 +82,11 @@ _gather_flat: Callable[..., Any] = getattr(dist, "all_gather_single", None) or d
 
 
 class Bench:
-    """Both models, their optimizers and one fixed batch per rank for one (size, batch) config."""
+    """The models of the variants asked for, their optimizers and one fixed batch per rank for
+    one (size, batch) config."""
 
-    def __init__(self, size: ModelSize, batch: int, rank: int, world_size: int, seed: int = 0):
+    def __init__(self, size: ModelSize, batch: int, rank: int, world_size: int, seed: int = 0,
+                 variants: tuple[str, ...] | list[str] = VARIANTS):
         self.size, self.batch_size, self.rank, self.world_size = size, batch, rank, world_size
         self.device = torch.device("cpu")
         scenario = parse_scenario({
@@ -83,18 +99,38 @@ class Bench:
         }, source="<benchmark>")
         dataset = DATASETS.get("synthetic")(seed, **scenario.data.params)
         self.batch = dataset.batch(torch.arange(rank * batch, (rank + 1) * batch))
-        self.plain = DDP(self._model(scenario, dataset))
-        self.hooked = DDP(self._model(scenario, dataset))
-        self.hook = install(self.hooked)
-        self.opt_plain = OPTIMIZERS.get("sgd")(self.plain.parameters(), **scenario.optim.params)
-        self.opt_hooked = OPTIMIZERS.get("sgd")(self.hooked.parameters(), **scenario.optim.params)
+        self.models: dict[str, torch.nn.Module] = {}
+        self.opts: dict[str, torch.optim.Optimizer] = {}
+        wanted = set(variants)
+
+        def add(name: str, model: torch.nn.Module) -> torch.nn.Module:
+            self.models[name] = model
+            self.opts[name] = OPTIMIZERS.get("sgd")(model.parameters(), **scenario.optim.params)
+            return model
+
+        if wanted & {"plain", "naive"}:
+            self.plain = add("plain", DDP(self._model(scenario, dataset)))
+        if wanted & set(_DDP_HOOKED):
+            self.hooked = add("hooked", DDP(self._model(scenario, dataset)))
+            self.hook = install(self.hooked)
+        if "pairwise" in wanted:
+            self.legacy = add("legacy", DDP(self._model(scenario, dataset)))
+            self.legacy_hook = legacy_pairwise.install(self.legacy)
+        if "fsdp" in wanted:
+            add("fsdp", fsdp.shard(self._model(scenario, dataset)))
+        if "fsdp_metrics" in wanted:
+            self.fsdp_hooked = add("fsdp_metrics", fsdp.shard(self._model(scenario, dataset)))
+            self.fsdp_hook = fsdp.install(self.fsdp_hooked)
         ctx = worker.RankContext(rank, world_size, rank, Path("."))
-        # The worker's own job record, so gather_metrics runs exactly as in `testbed run`.
-        self.job = worker._Job(scenario, ctx, self.device, self.hooked, self.opt_hooked, self.hook,
-                               ShardedSampler(dataset.size, world_size, batch), dataset,
-                               [g["lr"] for g in self.opt_hooked.param_groups],
-                               NoiseScaleEMA(scenario.metrics.noise_scale_ema),
-                               params=list(self.hooked.parameters()))
+        self.jobs: dict[str, Any] = {}
+        for name, state in (("hooked", getattr(self, "hook", None)), ("fsdp_metrics", getattr(self, "fsdp_hook", None))):
+            if state is not None:  # the worker's own job record, so gather_metrics runs exactly as in `testbed run`
+                model = self.models[name]
+                self.jobs[name] = worker._Job(scenario, ctx, self.device, model, self.opts[name], state,
+                                              ShardedSampler(dataset.size, world_size, batch), dataset,
+                                              [g["lr"] for g in self.opts[name].param_groups],
+                                              NoiseScaleEMA(scenario.metrics.noise_scale_ema),
+                                              params=list(model.parameters()))
         self.steps_done = 0
         self.last_row: dict[str, Any] | None = None
 
@@ -104,35 +140,50 @@ class Bench:
         return MODELS.get(scenario.model.kind)(dataset, **scenario.model.params)
 
     def step(self, variant: str) -> None:
-        {"plain": self._plain, "metrics": self._metrics, "pairwise": self._pairwise,
-         "naive": self._naive, "idle": self._idle}[variant]()
+        {"plain": self._plain, "metrics": self._metrics, "pairwise": self._pairwise, "a2a": self._a2a,
+         "naive": self._naive, "idle": self._idle, "fsdp": self._fsdp, "fsdp_metrics": self._fsdp_metrics}[variant]()
         self.steps_done += 1
 
-    @staticmethod
-    def _update(optimizer: torch.optim.Optimizer) -> None:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def _update(self, name: str) -> None:
+        self.opts[name].step()
+        self.opts[name].zero_grad(set_to_none=True)
 
     def _plain(self) -> None:
         self.plain(**self.batch).backward()
-        self._update(self.opt_plain)
+        self._update("plain")
 
-    def _hooked_step(self, measure: bool, pairwise: bool) -> None:
-        self.hook.begin_step(measure, pairwise, None, None, self.device)
-        loss = self.hooked(**self.batch)
+    def _hooked_step(self, name: str, measure: bool, pairwise: bool) -> None:
+        state = self.fsdp_hook if name == "fsdp_metrics" else self.hook
+        state.begin_step(measure, pairwise, None, None, self.device)
+        loss = self.models[name](**self.batch)
         loss.backward()
-        self._update(self.opt_hooked)
+        self._update(name)
         if measure or pairwise:
-            self.last_row = worker.gather_metrics(self.job, self.steps_done, loss.detach().double(), True, pairwise)
+            self.last_row = worker.gather_metrics(self.jobs[name], self.steps_done, loss.detach().double(), True,
+                                                  pairwise)
 
     def _metrics(self) -> None:
-        self._hooked_step(True, False)
+        self._hooked_step("hooked", True, False)
 
-    def _pairwise(self) -> None:
-        self._hooked_step(True, True)
+    def _a2a(self) -> None:
+        self._hooked_step("hooked", True, True)
 
     def _idle(self) -> None:
-        self._hooked_step(False, False)
+        self._hooked_step("hooked", False, False)
+
+    def _pairwise(self) -> None:
+        self.legacy_hook.begin_step(True, True, None, None, self.device)
+        loss = self.legacy(**self.batch)
+        loss.backward()
+        self._update("legacy")
+        self.last_row = legacy_pairwise.pairwise_row(self.legacy_hook.acc, loss, self.world_size)
+
+    def _fsdp(self) -> None:
+        self.models["fsdp"](**self.batch).backward()
+        self._update("fsdp")
+
+    def _fsdp_metrics(self) -> None:
+        self._hooked_step("fsdp_metrics", True, True)
 
     def _naive(self) -> None:
         module = self.plain.module  # outside DDP: no reducer all-reduce, local gradients stay local
@@ -154,4 +205,4 @@ class Bench:
         row = step_metrics([float(x) for x in losses], gram.diagonal().tolist(), gram.mean(dim=1).tolist())
         row["pairwise_cos_mean"] = mean_offdiagonal(pairwise_cosine(gram.numpy()))
         self.last_row = row
-        self._update(self.opt_plain)
+        self._update("plain")

@@ -45,3 +45,22 @@ def run(raw: dict[str, Any], out_dir: Path) -> tuple[RunResult, list[dict[str, A
 
 def run_json(out_dir: Path) -> dict[str, Any]:
     return json.loads((Path(out_dir) / "run.json").read_text())
+
+
+
+ORACLE_TOL = 1e-5
+
+
+def oracle_errors(row: dict[str, Any]) -> dict[str, float]:
+    """``diagnose.summary.self_check_errors``: norms relative, cosines absolute."""
+    from testbed.diagnose.summary import self_check_errors
+
+    return self_check_errors(row)
+
+
+def assert_matches_oracle(rows: list[dict[str, Any]], pairwise_steps: int) -> None:
+    """Every per-rank metric (and the pairwise matrix where recorded) equals the oracle to 1e-5."""
+    assert sum("pairwise_cos" in r for r in rows) == pairwise_steps
+    for row in rows:
+        errors = oracle_errors(row)
+        assert max(errors.values()) <= ORACLE_TOL, (row["step"], errors)

@@ -63,6 +63,14 @@ CASES = [
     ("ranks = [1]", "ranks = 1.5", "perturbations[0].ranks", "fraction in [0, 1]"),
     ("ranks = [1]", "ranks = [1]\nstart_step = 2\nend_step = 2", "perturbations[0].end_step", "> start_step"),
     ("ranks = [1]", "ranks = [1]\nsalt = \"x\"", "perturbations[0].salt", "integer"),
+    ("every = 1", 'every = 1\n[parallel]\nkind = "zero3"', "parallel.kind", "one of 'ddp', 'fsdp2'"),
+    ("every = 1", 'every = 1\n[parallel]\nkind = "fsdp2"\nreshard = true', "parallel.reshard", "no such field"),
+    ("every = 1", 'every = 1\n[parallel]\nkind = "fsdp2"\nreshard_after_forward = 1', "parallel.reshard_after_forward",
+     "boolean"),
+    ("every = 1", "every = 1\n[parallel]\nreshard_after_forward = false", "parallel.reshard_after_forward",
+     "kind = 'fsdp2'"),
+    ("every = 1", 'every = 1\n[parallel]\nkind = "fsdp2"\n[expect]\nweights_in_sync = false', "expect.weights_in_sync",
+     "no replicas"),
 ]
 
 
@@ -99,6 +107,13 @@ def test_unreadable_files_name_the_file(tmp_path: Path, content: str | None, fie
     with pytest.raises(ScenarioError) as info:
         load_scenario(path)
     assert info.value.field == field and str(path) in str(info.value) and expected in str(info.value)
+
+
+def test_parallel_defaults_to_ddp_and_fsdp2_round_trips(tmp_path: Path) -> None:
+    assert load_scenario(write(tmp_path, VALID)).parallel.kind == "ddp"
+    s = load_scenario(write(tmp_path, VALID), {"parallel.kind": "fsdp2", "parallel.reshard_after_forward": False})
+    assert (s.parallel.kind, s.parallel.reshard_after_forward) == ("fsdp2", False)
+    assert type(s).from_dict(s.to_dict()) == s
 
 
 def test_overrides_are_validated_like_the_file(tmp_path: Path) -> None:

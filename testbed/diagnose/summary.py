@@ -49,9 +49,33 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
             out["first_weight_divergence_ranks"], out["weight_divergence_reference"] = ranks, reference
     if out["steps_recorded"]:
         out["outlier"] = attribute(rows)
+    checked = [self_check_errors(r) for r in rows if r.get("self_check")]
+    if checked:  # metrics.self_check: the measured values against the brute-force oracle
+        out["self_check"] = {"steps": len(checked),
+                             "max_error": {k: max(c.get(k, 0.0) for c in checked) for k in checked[0]}}
     flags = [dict(f, step=r["step"]) for r in rows for f in r.get("flags", [])]
     out["flags"] = flags[:50]
     out["flag_count"] = len(flags)
+    return out
+
+
+def self_check_errors(row: dict[str, Any]) -> dict[str, float]:
+    """Largest deviation of a row's measured values from the brute-force oracle recorded beside them
+    (``metrics.self_check``): relative for the norms, absolute for the cosines (bounded by 1, so
+    this is relative to their scale; a cosine near 0 has no meaningful relative error). Entries
+    that are null on either side (degenerate cases) are skipped."""
+    want = row["self_check"]
+
+    def worst(key: str, relative: bool) -> float:
+        got, ref = np.asarray(row.get(key), dtype=np.float64), np.asarray(want.get(key), dtype=np.float64)
+        ok = np.isfinite(got) & np.isfinite(ref) & ((ref != 0) if relative else True)
+        diff = np.abs(got - ref)[ok] / (np.abs(ref[ok]) if relative else 1.0)
+        return float(diff.max()) if diff.size else 0.0
+
+    out = {"grad_norm": worst("grad_norm", True), "mean_grad_norm": worst("mean_grad_norm", True),
+           "cos_to_mean": worst("cos_to_mean", False)}
+    if row.get("pairwise_cos") is not None:
+        out["pairwise_cos"] = worst("pairwise_cos", False)
     return out
 
 
@@ -85,6 +109,11 @@ def format_table(summary: dict[str, Any]) -> str:
                         f"{summary.get('weight_divergence_reference')})" if first is not None else ""))
     if "outlier" in summary:  # the verdict's spike rule, shown per step; the verdict line judges the run
         lines.append(f"{'largest spike':<20}{describe_outlier(summary['outlier'])}")
+    if "self_check" in summary:
+        errors = summary["self_check"]["max_error"]
+        lines.append(f"{'self_check':<20}{max(errors.values()):>12.2g}   (largest deviation from brute force over "
+                     f"{summary['self_check']['steps']} steps: " + ", ".join(f"{k} {v:.1g}" for k, v in errors.items())
+                     + "; norms relative, cosines absolute)")
     if summary.get("flag_count"):
         kinds = sorted({f"{f['kind']}@rank{f['rank']}" for f in summary["flags"]})
         lines.append(f"{'flags':<20}{summary['flag_count']:>12}   {', '.join(kinds[:6])}")

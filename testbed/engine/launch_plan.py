@@ -191,9 +191,11 @@ def format_plan(plan: LaunchPlan) -> str:
     lines += [f"  {k}={v}" for k, v in plan.env.items()]
     lines.append("command")
     lines += [f"  node {n}: {plan.command(n)}" for n in range(plan.nnodes)]
-    memory = estimate(s)
+    memory = estimate(s) if s.parallel.kind == "ddp" else None
     lines.append("expected memory per rank")
-    lines += ["  " + line for line in memory.lines()] if memory else ["  n/a (estimated for [model] kind = 'hf' only)"]
+    lines += ["  " + line for line in memory.lines()] if memory else [
+        "  n/a (estimated for DDP only; fsdp2 shards weights, gradients and optimizer state)" if s.parallel.kind != "ddp"
+        else "  n/a (estimated for [model] kind = 'hf' only)"]
     if plan.notes:
         lines.append("notes")
         lines += [f"  - {note}" for note in plan.notes]

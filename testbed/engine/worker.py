@@ -1,4 +1,4 @@
-"""One rank's training job: build, wrap in DDP with the consistency hook, step, gather scalars.
+"""One rank's training job: build, wrap in DDP (or FSDP2) with the consistency hook, step, gather scalars.
 
 Runs the same way under the built-in spawn launcher (``testbed.engine.runner``) and under torchrun
 (``torchrun --nproc-per-node N -m testbed.worker SCENARIO --out DIR``), which passes the rank
@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from testbed.engine import device as devices
+from testbed.engine import fsdp
 from testbed.workloads.data import ShardedSampler
 from testbed.workloads.optim import build_scheduler
 from testbed.engine.hook import ConsistencyState, install
@@ -74,7 +75,7 @@ class _Job:
     scenario: Scenario
     ctx: RankContext
     device: torch.device
-    ddp: DDP
+    ddp: DDP  # the wrapped model: DDP, or the root FSDPModule when parallel.kind = "fsdp2"
     optimizer: torch.optim.Optimizer
     hook: ConsistencyState
     sampler: ShardedSampler
@@ -123,8 +124,12 @@ def build(scenario: Scenario, ctx: RankContext) -> _Job:
     dataset = DATASETS.get(scenario.data.kind)(scenario.seed, **scenario.data.params)
     seed_everything(derive_seed("init", scenario.seed))  # identical init; DDP also broadcasts rank 0's
     module = MODELS.get(scenario.model.kind)(dataset, **scenario.model.params).to(device)
-    ddp = DDP(module, device_ids=[device.index] if device.type != "cpu" else None)
-    hook = install(ddp)
+    if scenario.parallel.kind == "fsdp2":
+        ddp = fsdp.shard(module, reshard_after_forward=scenario.parallel.reshard_after_forward)
+        hook = fsdp.install(ddp)
+    else:
+        ddp = DDP(module, device_ids=[device.index] if device.type != "cpu" else None)
+        hook = install(ddp)
     hook.keep_local = scenario.metrics.self_check
     optimizer = OPTIMIZERS.get(scenario.optim.kind)(ddp.parameters(), **scenario.optim.params)
     job = _Job(scenario, ctx, device, ddp, optimizer, hook,
@@ -143,6 +148,15 @@ def _autocast(plan: StepPlan, device: torch.device) -> contextlib.AbstractContex
     if plan.autocast_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=plan.autocast_dtype)
+
+
+def _sync(model: Any, last: bool) -> contextlib.AbstractContextManager[Any]:
+    """Gradient accumulation: reduce only on the last micro-batch (DDP ``no_sync``; FSDP2
+    ``set_requires_gradient_sync``, which also holds the accumulated unsharded local gradient)."""
+    if fsdp.is_sharded(model):
+        model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if last else model.no_sync()
 
 
 def train_step(job: _Job, step: int) -> dict[str, Any] | None:
@@ -169,7 +183,7 @@ def train_step(job: _Job, step: int) -> dict[str, Any] | None:
             batch = transform(batch, plan.generator("batch", micro))
         batch = {k: v.to(job.device, non_blocking=True) for k, v in batch.items()}
         last = micro == s.grad_accum - 1
-        with (contextlib.nullcontext() if last else job.ddp.no_sync()), _autocast(plan, job.device):
+        with _sync(job.ddp, last), _autocast(plan, job.device):
             loss = job.ddp(**batch)
         if last and plan.delay_s > 0:
             time.sleep(plan.delay_s)  # a straggler: late to the all-reduce, numerics untouched
@@ -194,10 +208,13 @@ def gather_metrics(job: _Job, step: int, local_loss: torch.Tensor, measure: bool
     if not (measure or check_weights):
         return None
     row = gather_row(job.hook.acc, local_loss, step=step, measure=measure, device=job.device,
-                     world_size=s.world_size, batch_size=s.batch_size * s.grad_accum, noise=job.noise)
+                     world_size=s.world_size, batch_size=s.batch_size * s.grad_accum, noise=job.noise,
+                     pairwise=pairwise)
     row["lr"] = job.lr
     if check_weights:
-        row.update(weight_sync(job.params, s.world_size))
+        sharded = fsdp.is_sharded(job.ddp)
+        row.update(weight_sync(fsdp.local_shards(job.params) if sharded else job.params, s.world_size,
+                               sharded=sharded))
     if s.metrics.self_check and measure:
         row["self_check"] = _self_check(job)
     _handle_nonfinite(job, step, row)
@@ -241,7 +258,9 @@ def train(scenario: Scenario, ctx: RankContext) -> None:
         if scenario.metrics.save_weights:
             path = ctx.out_dir / "ranks" / f"rank{ctx.rank}.final.pt"
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({k: v.detach().cpu() for k, v in job.ddp.module.state_dict().items()}, path)
+            weights = (fsdp.full_state_dict(job.ddp) if fsdp.is_sharded(job.ddp)
+                       else {k: v.detach().cpu() for k, v in job.ddp.module.state_dict().items()})
+            torch.save(weights, path)
         dist.barrier()
         ctx.mark(scenario.steps, PHASE_START)  # "past the last step": all work done, only teardown left
     finally:

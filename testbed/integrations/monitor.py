@@ -1,8 +1,10 @@
-"""Drop-in consistency metrics for your own DDP training loop - no testbed runner needed.
+"""Drop-in consistency metrics for your own DDP or FSDP2 training loop - no testbed runner needed.
 
 ``attach(ddp_model)`` registers the testbed's comm hook (``testbed.engine.hook``) on an existing
 ``DistributedDataParallel`` model. The hook replaces DDP's default all-reduce with the same
 arithmetic (SUM, then divide by N) and measures each rank's local gradient on its way through.
+``attach(fsdp_model)`` (the root returned by ``fully_shard``) sets testbed's reduce-scatter
+(``testbed.engine.fsdp``: all-to-all + local sum, the same bytes) on every FSDP unit instead.
 After each optimizer step, ``monitor.step(loss)`` gathers three scalars per rank and returns the
 step's row (same fields as the runner's ``metrics.jsonl``: per-rank loss and gradient norm, their
 std / CV, cosine of each rank's gradient to the mean, ...) on every rank::
@@ -15,7 +17,7 @@ std / CV, cosine of each rank's gradient to the mean, ...) on every rank::
         row = monitor.step(loss)            # every rank calls it; None on unmeasured steps
 
 With gradient accumulation (micro-batches under ``ddp_model.no_sync()`` or with
-``ddp_model.require_backward_grad_sync = False``), call ``step`` once per optimizer step with the
+``ddp_model.require_backward_grad_sync = False``, or FSDP2's ``set_requires_gradient_sync(False)``), call ``step`` once per optimizer step with the
 list of the micro-batch losses (``monitor.step([l1, l2])``; their mean is recorded): the hook only
 fires on the synchronising backward, so the metrics are those of the accumulated local gradient
 (docs/monitor.md). One loss after several training forwards is recorded as given, with a warning.
@@ -36,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from testbed.engine import fsdp
 from testbed.engine.hook import ConsistencyState, install
 from testbed.diagnose.sequential import SequentialTest
 from testbed.engine.gather import gather_row
@@ -51,9 +54,9 @@ LOG = logging.getLogger("testbed")
 
 
 class Monitor:
-    """Per-step consistency metrics of one DDP model (see the module docstring for use)."""
+    """Per-step consistency metrics of one DDP or FSDP2 model (see the module docstring for use)."""
 
-    def __init__(self, ddp_model: DDP, state: ConsistencyState, *, every: int = 1, pairwise_every: int = 0,
+    def __init__(self, ddp_model: torch.nn.Module, state: ConsistencyState, *, every: int = 1, pairwise_every: int = 0,
                  weight_check_every: int = 0, batch_size: int | None = None, noise_scale_ema: float = 0.9,
                  out_dir: str | Path | None = None, keep_rows: bool = True, tensorboard: str | Path | None = None,
                  optimizer: torch.optim.Optimizer | None = None, alpha: float | None = 0.01):
@@ -110,7 +113,7 @@ class Monitor:
             return None
         row = gather_row(self.state.acc, local_loss, step=step, measure=self._measuring, device=self.device,
                          world_size=self.state.world_size, batch_size=self.batch_size, noise=self.noise,
-                         group=self.state.process_group)
+                         group=self.state.process_group, pairwise=self._pairwise)
         row.update(extra or {})
         if check_weights:
             row.update(weight_sync(self.ddp, self.state.process_group))
@@ -212,11 +215,12 @@ class Monitor:
         self.close()
 
 
-def attach(ddp_model: DDP, *, out_dir: str | Path | None = None, every: int = 1, pairwise_every: int = 0,
+def attach(ddp_model: torch.nn.Module, *, out_dir: str | Path | None = None, every: int = 1, pairwise_every: int = 0,
            weight_check_every: int = 0, batch_size: int | None = None, noise_scale_ema: float = 0.9,
            process_group: dist.ProcessGroup | None = None, tensorboard: str | Path | None = None,
            optimizer: torch.optim.Optimizer | None = None, alpha: float | None = 0.01) -> Monitor:
-    """Install the consistency hook on ``ddp_model`` and return its :class:`Monitor`.
+    """Install the consistency hook on ``ddp_model`` (a DDP model, or the root module of an FSDP2
+    ``fully_shard`` model) and return its :class:`Monitor`.
 
     ``batch_size`` (samples per rank per optimizer step) enables the gradient-noise-scale
     estimate; ``out_dir`` makes rank 0 append rows to ``out_dir/metrics.jsonl``; ``tensorboard``
@@ -224,22 +228,29 @@ def attach(ddp_model: DDP, *, out_dir: str | Path | None = None, every: int = 1,
     rate of the online consistency test over the whole run (None: off); ``optimizer`` adds
     ``lr`` to each row (its first param group's lr as ``optimizer.step()`` used it, scheduler or not).
     """
+    options = dict(every=every, pairwise_every=pairwise_every, weight_check_every=weight_check_every,
+                   batch_size=batch_size, noise_scale_ema=noise_scale_ema, out_dir=out_dir, tensorboard=tensorboard,
+                   optimizer=optimizer, alpha=alpha)
+    if fsdp.is_sharded(ddp_model):
+        return Monitor(ddp_model, fsdp.install(ddp_model, process_group), **options)
     if not isinstance(ddp_model, DDP):
-        raise TypeError(f"attach needs a torch.nn.parallel.DistributedDataParallel model, got {type(ddp_model).__name__}")
+        raise TypeError("attach needs a torch.nn.parallel.DistributedDataParallel model or an FSDP2 model "
+                        f"(torch.distributed.fsdp.fully_shard), got {type(ddp_model).__name__}")
     try:
         state = install(ddp_model, process_group)
     except RuntimeError as e:
         raise RuntimeError(f"cannot attach the testbed hook: {e} (a DDP model takes one comm hook; "
                            "attach replaces DDP's default all-reduce, not a custom hook such as fp16 compression)") from e
-    return Monitor(ddp_model, state, every=every, pairwise_every=pairwise_every, weight_check_every=weight_check_every,
-                   batch_size=batch_size, noise_scale_ema=noise_scale_ema, out_dir=out_dir, tensorboard=tensorboard,
-                   optimizer=optimizer, alpha=alpha)
+    return Monitor(ddp_model, state, **options)
 
 
-def weight_sync(ddp_model: DDP, process_group: dist.ProcessGroup | None = None) -> Row:
-    """Exact per-rank parameter checksums and whether they agree (one small all-gather)."""
-    return _weight_sync([p for p in ddp_model.parameters() if p.requires_grad],
-                        dist.get_world_size(process_group), process_group)
+def weight_sync(ddp_model: torch.nn.Module, process_group: dist.ProcessGroup | None = None) -> Row:
+    """Exact per-rank parameter checksums and whether they agree (one small all-gather); for an
+    FSDP2 model, the whole model's checksum (sum over the shards) on every rank."""
+    params = [p for p in ddp_model.parameters() if p.requires_grad]
+    sharded = fsdp.is_sharded(ddp_model)
+    return _weight_sync(fsdp.local_shards(params) if sharded else params, dist.get_world_size(process_group),
+                        process_group, sharded=sharded)
 
 
 def _scalar(value: Loss, device: torch.device) -> torch.Tensor:

@@ -58,6 +58,16 @@ class MetricsSpec:
 
 
 @dataclass(frozen=True)
+class ParallelSpec:
+    """``[parallel]``: how the model is data-parallel. ``ddp`` replicates it (DDP comm hook);
+    ``fsdp2`` shards it with ``fully_shard``, one unit per layer, and measures in the
+    reduce-scatter (engine/fsdp.py)."""
+
+    kind: str = "ddp"  # ddp | fsdp2
+    reshard_after_forward: bool = True  # fsdp2: free the gathered layer weights after forward
+
+
+@dataclass(frozen=True)
 class Scenario:
     """A fully validated, resolved scenario; ``to_dict`` round-trips through ``from_dict``."""
 
@@ -80,6 +90,7 @@ class Scenario:
     perturbations: tuple[PerturbationSpec, ...] = ()
     metrics: MetricsSpec = MetricsSpec()
     schedule: ScheduleSpec = ScheduleSpec()  # [optim] schedule / warmup_steps / warmup_ratio
+    parallel: ParallelSpec = ParallelSpec()
     expect: dict[str, Any] = field(default_factory=dict)
     sweep: dict[str, Any] = field(default_factory=dict)
     source: str = "<memory>"
@@ -96,13 +107,14 @@ class Scenario:
         )
         d["metrics"] = MetricsSpec(**d.get("metrics", {}))
         d["schedule"] = ScheduleSpec(**d.get("schedule", {}))
+        d["parallel"] = ParallelSpec(**d.get("parallel", {}))
         return Scenario(**d)
 
 
 _TOP_KEYS = {
     "name", "description", "world_size", "steps", "seed", "backend", "device", "grad_accum",
     "threads_per_rank", "timeout_s", "stall_timeout_s", "on_nonfinite", "model", "data", "optim",
-    "perturbations", "metrics", "expect", "sweep",
+    "perturbations", "metrics", "parallel", "expect", "sweep",
 }
 _BACKENDS = ("auto", "gloo", "nccl", "hccl")
 # Bounds that keep a typo from becoming a memory blow-up or an overflow far from the file: ranks
@@ -119,6 +131,7 @@ MAX_NAME, MAX_NAME_BYTES = 128, 200
 # parser or the validator recurses into it (a 500-deep array was a 3,000-line RecursionError).
 MAX_DEPTH = 32
 _DEVICES = ("auto", "cpu", "cuda", "npu")
+_PARALLEL_KINDS = ("ddp", "fsdp2")
 
 
 def load_scenario(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Scenario:
@@ -179,6 +192,7 @@ def parse_scenario(raw: Mapping[str, Any], source: str = "<memory>") -> Scenario
     optim = v.component(raw, "optim", OPTIMIZERS, extra=SCHEDULE_KEYS)
     schedule = read_schedule(raw["optim"], source, steps)
     metrics = v.metrics(raw.get("metrics", {}))
+    parallel = v.parallel(raw.get("parallel", {}), raw.get("expect", {}))
     perturbations = tuple(
         v.perturbation(p, i, world_size, steps, PERTURBATIONS)
         for i, p in enumerate(v.list_of_tables(raw, "perturbations"))
@@ -203,6 +217,7 @@ def parse_scenario(raw: Mapping[str, Any], source: str = "<memory>") -> Scenario
         perturbations=perturbations,
         metrics=metrics,
         schedule=schedule,
+        parallel=parallel,
         expect=validate_expect(raw.get("expect", {}), source, steps=steps,
                                pairwise_every=metrics.pairwise_every,
                                weight_check_every=metrics.weight_check_every, has_sweep=bool(raw.get("sweep"))),
@@ -312,6 +327,22 @@ class _Validator:
         if not 0.0 <= values["noise_scale_ema"] < 1.0:
             raise ScenarioError(self.source, "metrics.noise_scale_ema", "a number in [0, 1)", values["noise_scale_ema"])
         return MetricsSpec(**values)
+
+    def parallel(self, table: Any, expect: Any) -> ParallelSpec:
+        if not isinstance(table, Mapping):
+            raise ScenarioError(self.source, "parallel", "a table", table)
+        self.no_unknown(table, set(asdict(ParallelSpec())), "parallel.")
+        kind = self.get(table, "kind", str, "ddp", where="parallel.")
+        if kind not in _PARALLEL_KINDS:
+            raise ScenarioError(self.source, "parallel.kind", "one of " + ", ".join(map(repr, _PARALLEL_KINDS)), kind)
+        reshard = self.get(table, "reshard_after_forward", bool, True, where="parallel.")
+        if kind == "ddp" and "reshard_after_forward" in table:
+            raise ScenarioError(self.source, "parallel.reshard_after_forward", "no such field for kind 'ddp' "
+                                "(it applies to kind = 'fsdp2')", reshard)
+        if kind == "fsdp2" and isinstance(expect, Mapping) and expect.get("weights_in_sync") is False:
+            raise ScenarioError(self.source, "expect.weights_in_sync", "true or absent: under fsdp2 there are no "
+                                "replicas to diverge (each rank holds a shard)", False)
+        return ParallelSpec(kind, reshard)
 
     def perturbation(self, table: Mapping[str, Any], index: int, world_size: int, steps: int,
                      registry: Registry) -> PerturbationSpec:

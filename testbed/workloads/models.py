@@ -2,7 +2,7 @@
 worker loop is the same for every kind (no per-model training loops)."""
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from torch import nn
@@ -16,8 +16,10 @@ from testbed.scenario.tables import MODELS
 class MLPClassifier(nn.Module):
     """A plain MLP with optional dropout; cross-entropy loss on ``inputs`` / ``targets``."""
 
-    def __init__(self, features: int, classes: int, hidden: int, depth: int, dropout: float):
+    def __init__(self, features: int, classes: int, hidden: int, depth: int, dropout: float,
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
+        self.dtype = dtype
         layers: list[nn.Module] = []
         width = features
         for _ in range(depth):
@@ -26,16 +28,18 @@ class MLPClassifier(nn.Module):
                 layers.append(nn.Dropout(dropout))
             width = hidden
         layers.append(nn.Linear(width, classes))
-        self.net = nn.Sequential(*layers)
+        self.net = nn.Sequential(*layers).to(dtype)
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(self.net(inputs), targets)
+        return nn.functional.cross_entropy(self.net(inputs.to(self.dtype)).float(), targets)
 
 
 @MODELS.register("mlp")
 def mlp(dataset: Dataset, *, hidden: Annotated[int, Bounds(ge=1)] = 64, depth: Annotated[int, Bounds(ge=0)] = 2,
-        dropout: Annotated[float, Bounds(ge=0, lt=1)] = 0.0) -> nn.Module:
-    """MLP over a classification dataset (needs ``info['features']`` and ``info['classes']``)."""
+        dropout: Annotated[float, Bounds(ge=0, lt=1)] = 0.0, dtype: Literal["fp32", "bf16"] = "fp32") -> nn.Module:
+    """MLP over a classification dataset (needs ``info['features']`` and ``info['classes']``).
+    ``dtype = "bf16"``: weights and gradients in bf16 (the loss in fp32), for bf16-gradient runs."""
     if hidden < 1 or depth < 0 or not 0.0 <= dropout < 1.0:
         raise ValueError("mlp needs hidden >= 1, depth >= 0 and 0 <= dropout < 1")
-    return MLPClassifier(dataset.info["features"], dataset.info["classes"], hidden, depth, dropout)
+    return MLPClassifier(dataset.info["features"], dataset.info["classes"], hidden, depth, dropout,
+                         torch.bfloat16 if dtype == "bf16" else torch.float32)

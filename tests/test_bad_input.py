@@ -18,7 +18,8 @@ from testbed import cli
 from testbed.cli.common import EXIT_USAGE
 from testbed.engine import preflight
 from testbed.engine.device import npu_available
-from testbed.scenario.spec import MAX_DEPTH, load_scenario
+from testbed.scenario.readers import MAX_DEPTH
+from testbed.scenario.spec import load_scenario
 from tests.helpers import TINY
 from tests.scenario_files import to_toml
 

@@ -27,7 +27,8 @@ from hypothesis import strategies as st
 from testbed.cli.run import DEFAULT_SCENARIO
 from testbed.scenario.tables import PERTURBATIONS
 from testbed.scenario.bounds import FLOAT32_MAX
-from testbed.scenario.spec import _TOP_KEYS, MAX_NAME, Scenario, ScenarioError, load_scenario, parse_scenario
+from testbed.scenario.readers import MAX_NAME
+from testbed.scenario.spec import _TOP_KEYS, Scenario, ScenarioError, load_scenario, parse_scenario
 from tests.helpers import TINY
 
 ROOT = Path(__file__).resolve().parents[1]

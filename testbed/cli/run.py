@@ -40,6 +40,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if result.reason:
             print(f"note: {result.reason}", file=sys.stderr)
         print(f"ok in {result.wall_time_s:.1f} s; record: {out_dir}/metrics.jsonl, {out_dir}/run.json")
+        if getattr(args, "control", False):
+            from testbed.engine.control import describe_control, run_control
+            print(describe_control(run_control(scenario, out_dir)))
         return EXIT_OK
     print(f"FAILED: {result.reason}", file=sys.stderr)
     if result.traceback:
@@ -53,6 +56,8 @@ def add_subcommand(subparsers: Any) -> None:
     run.add_argument("scenario", type=Path, nargs="?", default=None,
                      help="scenario file (default: the embedded default scenario)")
     run.add_argument("--out", help="run directory (default: runs/<name>-<timestamp>)")
+    run.add_argument("--control", action="store_true", help="also run it with its perturbations removed "
+                     "(same seeds) into OUT/control and report paired differences with confidence intervals")
     add_override_arguments(run)
     launch_plan.add_arguments(run)
     run.set_defaults(func=cmd_run)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.cli.common import EXIT_FAILED, EXIT_OK, add_override_arguments, overrides_of
+from testbed.engine.control import sweep_comparison
 from testbed.engine.sweep import results_table, run_sweep
 from testbed.scenario.sweep import SWEEP_FILE, select_levels
 
@@ -17,6 +18,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                                         overrides_of(args), args.levels)
     selected = select_levels(levels, args.levels, str(args.scenario))
     print(results_table(out_dir, levels, status))
+    print(sweep_comparison(out_dir, levels))
     ok = all(status[lv.index] == "ok" for lv in selected)
     print(f"{'ok' if ok else 'FAILED'}: {sum(status[lv.index] == 'ok' for lv in selected)}/{len(selected)} "
           f"level(s) ok in {time.monotonic() - started:.1f} s; record: {out_dir}/{SWEEP_FILE}")

@@ -1,5 +1,5 @@
 """Calibration and power of the verdict (``testbed.diagnose``) on simulated runs — the numbers in
-``docs/verdict.md``. Pure numpy, no processes.
+``docs/diagnosis.md``. Pure numpy, no processes.
 
     python benchmarks/verdict_calibration.py              # everything (≈ 10 min on 2 busy cores)
     python benchmarks/verdict_calibration.py --runs 200   # quicker, coarser

@@ -64,7 +64,7 @@ def test_false_alarm_rate_on_exchangeable_streams():
 
 def test_full_verdict_false_alarms_with_light_tails():
     """With Gaussian noise the full verdict (spike rule on) keeps its false-alarm rate too. (The
-    spike rule is outside α; its rates under heavy tails are measured in docs/verdict.md.)"""
+    spike rule is outside α; its rates under heavy tails are measured in docs/diagnosis.md.)"""
     rng = np.random.default_rng(7)
     rejected = 0
     runs = 40

@@ -68,6 +68,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if result.reason:
             print(f"note: {result.reason}", file=sys.stderr)
         print(f"ok in {result.wall_time_s:.1f} s; record: {out_dir}/metrics.jsonl, {out_dir}/run.json")
+        if getattr(args, "control", False):
+            from testbed.engine.control import describe_control, run_control
+            print(describe_control(run_control(scenario, out_dir)))
         return EXIT_OK
     print(f"FAILED: {result.reason}", file=sys.stderr)
     if result.traceback:
@@ -107,6 +110,8 @@ def add_subcommand(subparsers: Any) -> None:
     run.add_argument("--out", help="run directory (default: runs/<name>-<timestamp>)")
     run.add_argument("--overwrite", action="store_true",
                      help="re-use a run directory that holds an earlier run (its record is deleted)")
+    run.add_argument("--control", action="store_true", help="also run it with its perturbations removed "
+                     "(same seeds) into OUT/control and report paired differences with confidence intervals")
     add_override_arguments(run)
     add_progress_arguments(run)
     launch_plan.add_arguments(run)

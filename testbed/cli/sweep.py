@@ -7,7 +7,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from testbed.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_override_arguments, add_progress_arguments, overrides_of
+from testbed.cli.common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_override_arguments, add_progress_arguments,
+                                overrides_of)
+from testbed.engine.control import sweep_comparison
 from testbed.engine.sweep import results_table, run_sweep
 from testbed.record.files import RunDirError
 from testbed.scenario.sweep import SWEEP_FILE, select_levels
@@ -24,6 +26,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     selected = select_levels(levels, args.levels, str(args.scenario))
     print(results_table(out_dir, levels, status))
+    print(sweep_comparison(out_dir, levels))
     ok = all(status[lv.index] == "ok" for lv in selected)
     print(f"{'ok' if ok else 'FAILED'}: {sum(status[lv.index] == 'ok' for lv in selected)}/{len(selected)} "
           f"level(s) ok in {time.monotonic() - started:.1f} s; record: {out_dir}/{SWEEP_FILE}")

@@ -17,7 +17,7 @@ Evidence, and how sure each kind is:
   A relabeling test cannot judge one step of one rank (it gives p ≥ 1/N), so ``p_value`` is
   ``None``, and the spike counts against the run only when it is ``confirmed``: at least 5× the
   largest |z| at the run's other steps (``transient``; a rule with a stated assumption, not a test
-  at α — its measured false-alarm rates are in ``docs/verdict.md``). Unconfirmed spikes stay in
+  at α — its measured false-alarm rates are in ``docs/diagnosis.md``). Unconfirmed spikes stay in
   the evidence and do not change the status. ``transient_threshold=None`` turns spikes off.
 - bit-identical ranks (replicated batches, ``replicas``) are their own case: a difference between
   replicas is impossible under the null — ``persistent`` or ``transient`` evidence with

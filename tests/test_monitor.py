@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 import testbed
+from testbed.engine import teardown
 from testbed.record.files import read_metrics
 from testbed.scenario.spec import load_scenario, parse_scenario
 from tests.scale_fixtures import (HF_STEPS, assert_rows_close, hf_raw, hf_runner_record, mlp_runner_record,  # noqa: F401
@@ -79,3 +80,55 @@ def test_monitor_measures_every_kth_step_and_closes_its_file(tmp_path):
     assert rows[0]["noise_scale"] is None  # one rank: no second batch size to compare
     assert rows[2]["weights_in_sync"] and "cos_mean" in rows[2]
     assert [r["step"] for r in read_metrics(tmp_path)] == [0, 2]
+
+
+def _gloo_thread_count() -> int:
+    threads = teardown.gloo_threads()
+    assert threads is not None, "needs Linux /proc to see the gloo threads"
+    return len(threads)
+
+
+@pytest.mark.parametrize("script_destroys", [False, True])
+def test_exit_handler_joins_gloo_threads(script_destroys, tmp_path):
+    """Issue 17: gloo's worker threads must be gone before the interpreter finalizes (a worker thread
+    waiting for the GIL then aborts the process). ``attach`` registers ``teardown.at_exit``; here it
+    is called directly, with the model still referenced (a script's global, a Trainer), after a
+    script that ends with or without ``destroy_process_group()``."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    before = _gloo_thread_count()  # an earlier test in this process may have left a group behind
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    model = DDP(torch.nn.Linear(4, 1))  # imports torch.distributed.nn.functional: its defaults hold the group
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = testbed.attach(model, out_dir=tmp_path)
+    for _ in range(2):
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        monitor.step(loss)
+    assert _gloo_thread_count() > before
+    if script_destroys:
+        dist.destroy_process_group()
+        assert _gloo_thread_count() > before  # destroy_process_group alone does not join them
+    teardown.at_exit()
+    assert not dist.is_initialized() and monitor.writer is None
+    assert _gloo_thread_count() <= before
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1]
+
+
+def test_closed_monitor_lets_go_of_the_model(tmp_path):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = DDP(torch.nn.Linear(4, 1))
+        monitor = testbed.attach(model)
+        monitor.close()
+        monitor.close()  # idempotent
+        assert monitor.ddp is None and monitor.state.acc is None  # disarmed: later backwards only all-reduce
+        model(torch.randn(8, 4)).sum().backward()
+        with pytest.raises(RuntimeError, match="closed"):
+            monitor.step(0.0)
+    finally:
+        dist.destroy_process_group()

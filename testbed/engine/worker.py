@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from testbed.engine import device as devices
+from testbed.engine import teardown
 from testbed.engine import fsdp
 from testbed.workloads.data import ShardedSampler
 from testbed.workloads.optim import build_scheduler
@@ -247,6 +248,7 @@ def _handle_nonfinite(job: _Job, step: int, row: dict[str, Any]) -> None:
 def train(scenario: Scenario, ctx: RankContext) -> None:
     """The whole job on this rank; rank 0 writes the metrics rows as steps complete."""
     job = build(scenario, ctx)
+    finished = False
     try:
         for step in range(scenario.steps):
             t0 = time.perf_counter()
@@ -263,11 +265,14 @@ def train(scenario: Scenario, ctx: RankContext) -> None:
             torch.save(weights, path)
         dist.barrier()
         ctx.mark(scenario.steps, PHASE_START)  # "past the last step": all work done, only teardown left
+        finished = True
     finally:
         for writer in (job.metrics_out, job.events_out, job.timing_out):
             if writer is not None:
                 writer.close()
-        if dist.is_initialized():
+        if finished:  # nothing in flight after the barrier: join gloo's threads now, not at
+            teardown.release_gloo([job.ddp])  # interpreter finalization (issue 17, engine/teardown.py)
+        if dist.is_initialized():  # other backends, or a failure (a join could wait on a dead peer)
             dist.destroy_process_group()
 
 

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from testbed.engine import fsdp
+from testbed.engine import fsdp, teardown
 from testbed.engine.hook import ConsistencyState, install
 from testbed.diagnose.sequential import SequentialTest
 from testbed.engine.gather import gather_row
@@ -62,7 +62,8 @@ class Monitor:
                  optimizer: torch.optim.Optimizer | None = None, alpha: float | None = 0.01):
         if every < 1 or pairwise_every < 0 or weight_check_every < 0:
             raise ValueError("attach needs every >= 1, pairwise_every >= 0 and weight_check_every >= 0")
-        self.ddp, self.state = ddp_model, state
+        self.ddp: torch.nn.Module | None = ddp_model
+        self.state = state
         self.every, self.pairwise_every, self.weight_check_every = every, pairwise_every, weight_check_every
         self.batch_size = batch_size
         self.noise = NoiseScaleEMA(noise_scale_ema)
@@ -93,6 +94,8 @@ class Monitor:
 
     def begin_step(self) -> None:
         """Arm the hook for the coming backward (``step`` calls it for the next step)."""
+        if self.ddp is None:
+            raise RuntimeError("this Monitor is closed")
         k = self.step_index
         self._measuring = k % self.every == 0
         self._pairwise = self.pairwise_every > 0 and k % self.pairwise_every == 0
@@ -104,7 +107,10 @@ class Monitor:
 
         ``loss``: this rank's loss, or the list of its micro-batch losses (their mean is recorded).
         ``extra`` fields (e.g. the Trainer's ``global_step``) go into the row before it is written.
+        Raises RuntimeError on a closed monitor.
         """
+        if self.ddp is None:
+            raise RuntimeError("this Monitor is closed")
         step = self.step_index
         self.step_index += 1
         local_loss = self._local_loss(loss)
@@ -193,10 +199,15 @@ class Monitor:
         return _scalar(loss, self.device)
 
     def close(self) -> None:
+        """Close the files, disarm the hook (later backwards are plain all-reduces) and let go of the
+        model. Idempotent. The process group is left alone (``engine.teardown.at_exit`` runs at exit)."""
         if self.writer is not None:
             self.writer.close()
             self.writer = None
         self._close_extras()
+        if self.ddp is not None:
+            self.state.begin_step(False, device=self.device)
+            self.ddp = None
 
     def _close_extras(self) -> None:
         """The alarm file, the TensorBoard writer and the forward counter (idempotent)."""
@@ -232,7 +243,9 @@ def attach(ddp_model: torch.nn.Module, *, out_dir: str | Path | None = None, eve
                    batch_size=batch_size, noise_scale_ema=noise_scale_ema, out_dir=out_dir, tensorboard=tensorboard,
                    optimizer=optimizer, alpha=alpha)
     if fsdp.is_sharded(ddp_model):
-        return Monitor(ddp_model, fsdp.install(ddp_model, process_group), **options)
+        monitor = Monitor(ddp_model, fsdp.install(ddp_model, process_group), **options)
+        teardown.register(ddp_model, monitor)  # joins gloo's threads at exit, before finalization (issue 17)
+        return monitor
     if not isinstance(ddp_model, DDP):
         raise TypeError("attach needs a torch.nn.parallel.DistributedDataParallel model or an FSDP2 model "
                         f"(torch.distributed.fsdp.fully_shard), got {type(ddp_model).__name__}")
@@ -241,7 +254,9 @@ def attach(ddp_model: torch.nn.Module, *, out_dir: str | Path | None = None, eve
     except RuntimeError as e:
         raise RuntimeError(f"cannot attach the testbed hook: {e} (a DDP model takes one comm hook; "
                            "attach replaces DDP's default all-reduce, not a custom hook such as fp16 compression)") from e
-    return Monitor(ddp_model, state, **options)
+    monitor = Monitor(ddp_model, state, **options)
+    teardown.register(ddp_model, monitor)  # joins gloo's threads at exit, before finalization (issue 17)
+    return monitor
 
 
 def weight_sync(ddp_model: torch.nn.Module, process_group: dist.ProcessGroup | None = None) -> Row:

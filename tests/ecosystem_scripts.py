@@ -9,6 +9,7 @@ MODE: ``plain`` | ``accelerate`` | ``trainer`` | ``lightning`` (the snippets of 
 tests/doc_snippets.py) or ``gpt2`` (a Trainer run of a tiny GPT-2 with a callback that makes its own
 training-mode forwards). Each snippet runs with ``OUT/<snippet id>/`` as its working directory, so
 its ``runs/mine`` lands there; the harness writes ``expected_rank<r>.json`` beside it.
+``ECO_ONLY=<snippet id>`` in the environment runs that snippet alone (debugging).
 
 Snippets share one process group (``dist.init_process_group`` is made idempotent, see
 ``_init_once``). The plain snippets see zero-gradient steps: every rank's first batch has weight 0 (all gradients

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from testbed.engine import runner
-from testbed.engine.progress import ProgressDisplay, RunTail, Snapshot, watch_run
+from testbed.engine.progress import ProgressDisplay, RunTail, Snapshot
 from testbed.engine.sweep import run_sweep
 from tests.helpers import tiny
 from tests.test_scenario_fuzz import toml_document

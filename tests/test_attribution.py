@@ -116,7 +116,7 @@ def test_spike_found_and_rank_relabelling_is_followed(n, steps, data):
 def test_summary_carries_the_outlier_line():
     summary = summarize(synthetic_rows(4, 30, spike=(2, 12, 10.0)))
     assert summary["outlier"]["outlier"]["rank"] == 2
-    line = next(ln for ln in format_table(summary).splitlines() if ln.startswith("outlier"))
+    line = next(ln for ln in format_table(summary).splitlines() if ln.startswith("largest spike"))
     assert "rank 2 at step 12 (grad_norm, z=+" in line
 
 
@@ -136,7 +136,7 @@ def test_grad_corruption_scenario_names_rank_2_step_12(tmp_path):
     summary = summarize(read_metrics(tmp_path))
     outlier = summary["outlier"]["outlier"]
     assert (outlier["rank"], outlier["step"], outlier["metric"]) == (2, 12, "grad_norm")
-    assert "outlier             rank 2 at step 12 (grad_norm" in format_table(summary)
+    assert "largest spike       rank 2 at step 12 (grad_norm" in format_table(summary)
 
 
 @pytest.mark.timeout(120)

@@ -19,6 +19,8 @@ def kind_of(code: str) -> str:
         return "trainer"
     if "TestbedLightningCallback" in code:
         return "lightning"
+    if "fully_shard(" in code:
+        return "fsdp2"
     if "Accelerator(" in code:
         return "accelerate"
     if "testbed.attach(" in code:

@@ -5,7 +5,7 @@ reference the test compares the monitor's rows against.
 
     torchrun --standalone --nproc-per-node 2 tests/ecosystem_scripts.py MODE[,MODE...] OUT
 
-MODE: ``plain`` | ``accelerate`` | ``trainer`` | ``lightning`` (the snippets of that kind, see
+MODE: ``plain`` | ``fsdp2`` | ``accelerate`` | ``trainer`` | ``lightning`` (the snippets of that kind, see
 tests/doc_snippets.py) or ``gpt2`` (a Trainer run of a tiny GPT-2 with a callback that makes its own
 training-mode forwards). Each snippet runs with ``OUT/<snippet id>/`` as its working directory, so
 its ``runs/mine`` lands there; the harness writes ``expected_rank<r>.json`` beside it.
@@ -98,6 +98,25 @@ def bind_plain(rank: int, size: int = 6 * BATCH) -> Bound:
     return {"model": model, "loader": DataLoader(RankData(rank, size), batch_size=BATCH),
             "optimizer": torch.optim.SGD(model.parameters(), lr=0.1), "per_rank_batch": BATCH, "accum": ACCUM,
             "steps": STEPS}, lambda: record
+
+
+class LayeredRegression(Regression):
+    """A user's model with the ``model.layers`` the FSDP2 snippet shards one by one."""
+
+    def __init__(self, record: list[float]):
+        super().__init__(record)
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> Out:
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return super().forward(x, y, w)
+
+
+def bind_fsdp2(rank: int) -> Bound:
+    record: list[float] = []
+    return {"model": LayeredRegression(record), "loader": DataLoader(RankData(rank, 6 * BATCH), batch_size=BATCH),
+            "per_rank_batch": BATCH}, lambda: record
 
 
 def bind_accelerate(rank: int) -> Bound:
@@ -200,7 +219,8 @@ def bind_lightning(rank: int) -> Bound:
             "per_rank_batch": BATCH}, lambda: record
 
 
-BIND = {"plain": bind_plain, "accelerate": bind_accelerate, "trainer": bind_trainer, "lightning": bind_lightning}
+BIND = {"plain": bind_plain, "fsdp2": bind_fsdp2, "accelerate": bind_accelerate, "trainer": bind_trainer,
+        "lightning": bind_lightning}
 
 
 def run_block(block: dict[str, str], out: Path, rank: int) -> None:

@@ -93,6 +93,25 @@ def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {k: Path(v) for k, v in _shared(tmp_path_factory, "tiny_hf", make).items()}
 
 
+@pytest.fixture
+def modules_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Remote code lands in this session's tmp, never in the user's cache. The ``transformers_modules``
+    package transformers made for another cache directory (an earlier test in this process) is
+    forgotten first, or the new cache's modules cannot be imported; a fake torch_npu and the remote
+    modules imported during the test are forgotten after it, so the next test executes them again."""
+    import transformers.dynamic_module_utils as dynamic
+
+    def forget() -> None:
+        for name in list(sys.modules):
+            if name.split(".")[0] in ("transformers_modules", "torch_npu"):
+                del sys.modules[name]
+
+    forget()
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path_factory.getbasetemp() / "hf_modules"))
+    yield
+    forget()
+
+
 def hf_raw(tiny_hf: dict[str, Path], **changes: Any) -> dict[str, Any]:
     """The 2-rank gloo scenario with ``kind = "hf"`` and ``kind = "alpaca"`` on the tiny checkpoint."""
     raw = tiny(name="hf-alpaca", steps=HF_STEPS, seed=HF_SEED, timeout_s=240.0,

@@ -55,11 +55,11 @@ def _kill_tree(pid: int) -> None:
 
 @pytest.fixture(scope="session")
 def loops_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One launch for the plain-loop, Accelerate and Lightning snippets (shared by two tests, once
+    """One launch for the plain-loop, FSDP2, Accelerate and Lightning snippets (shared by two tests, once
     per session across xdist workers): a launch costs 40-75 s here, mostly start-up."""
     def make(root: Path) -> str:
         root.mkdir(parents=True, exist_ok=True)
-        return str(_launch("plain,accelerate,lightning", root, ACCELERATE_USE_CPU="true"))  # accelerate on CPU
+        return str(_launch("plain,fsdp2,accelerate,lightning", root, ACCELERATE_USE_CPU="true"))  # accelerate on CPU
 
     return Path(_shared(tmp_path_factory, "ecosystem_loops", make))
 
@@ -96,14 +96,15 @@ def _scalar_tags(log_dir: Path) -> set[str]:
 def test_every_documented_snippet_has_a_harness() -> None:
     found = snippets()
     assert [b["id"] for b in found if b["kind"] == "unknown"] == []
-    assert {b["kind"] for b in found} == {"plain", "accelerate", "trainer", "lightning"}
+    assert {b["kind"] for b in found} == {"plain", "fsdp2", "accelerate", "trainer", "lightning"}
     assert any(b["doc"] == "README.md" for b in found)
 
 
 @pytest.mark.timeout(600)
-def test_plain_loop_and_accelerate_snippets_run_as_written(loops_run: Path) -> None:
+def test_plain_loop_fsdp2_and_accelerate_snippets_run_as_written(loops_run: Path) -> None:
     out = loops_run
-    for block in _blocks("plain") + _blocks("accelerate"):
+    assert _blocks("fsdp2")
+    for block in _blocks("plain") + _blocks("fsdp2") + _blocks("accelerate"):
         d = out / block["id"]
         rows = read_metrics(d / "runs" / "mine")
         assert [r["step"] for r in rows] == list(range(len(rows))) and rows, block["id"]

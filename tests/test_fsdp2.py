@@ -60,7 +60,12 @@ def test_attach_on_ddp_and_fsdp2_is_exact_across_world_sizes_and_dtypes(world: i
         assert [r["step"] for r in rows] == [0, 1, 2], name
         assert_matches_oracle(rows, pairwise_steps=2)  # steps 0 and 2 (pairwise_every = 2)
         assert all(r["weights_in_sync"] for r in rows), name
-        assert all(len(r["grad_norm"]) == world and r["flags"] == [] for r in rows), name
+        assert all(len(r["grad_norm"]) == world for r in rows), name
+        # finite, non-zero gradients: the only flag may be the noise scale's (few noisy steps), and
+        # exactly where the scale is undefined
+        for r in rows:
+            undefined = [{"rank": None, "kind": "noise_scale_undefined"}] if r["noise_scale"] is None else []
+            assert r["flags"] == undefined, (name, r["step"], r["flags"])
     worst = max(max(oracle_errors(r).values()) for rows in results.values() for r in rows)
     print(f"world {world}: largest deviation from the oracle {worst:.2e}")
 

@@ -17,7 +17,7 @@ from testbed.workloads.hf import count_parameters, hf, load_causal_lm  # noqa: E
 from testbed.scenario.spec import parse_scenario  # noqa: E402
 from testbed.workloads.tiny_checkpoint import write_alpaca  # noqa: E402
 from tests.helpers import run_json  # noqa: E402
-from tests.scale_fixtures import HF_STEPS, hf_raw, hf_runner_record, tiny_hf  # noqa: E402,F401
+from tests.scale_fixtures import HF_STEPS, hf_raw, hf_runner_record, modules_in_tmp, tiny_hf  # noqa: E402,F401
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -152,11 +152,9 @@ def test_precision_and_gradient_checkpointing(tiny_hf, tmp_path):
 
 
 @pytest.mark.parametrize("trust_remote_code", [True, False])
-def test_pangu_checkpoint_falls_back_to_llama_with_attention_bias(tiny_hf, tmp_path, monkeypatch, trust_remote_code):
-    import transformers.dynamic_module_utils as dynamic
+def test_pangu_checkpoint_falls_back_to_llama_with_attention_bias(tiny_hf, modules_in_tmp, trust_remote_code):
     from safetensors.torch import load_file
 
-    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))  # remote code lands in tmp
     model = load_causal_lm(tiny_hf["pangu"], trust_remote_code=trust_remote_code)
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.attention_bias
     assert all(getattr(model.model.layers[0].self_attn, f"{p}_proj").bias is not None for p in "qkvo")

@@ -29,26 +29,11 @@ from testbed.workloads.alpaca import load_tokenizer, preflight, prompt_for  # no
 from testbed.workloads.hf import count_parameters, load_causal_lm, rope_inv_freq  # noqa: E402
 from testbed.workloads.pangu_layout import RELEASED_1B_CONFIG, TINY_SIZES, write_released_config  # noqa: E402
 from tests.helpers import tiny  # noqa: E402
-from tests.scale_fixtures import tiny_hf  # noqa: E402,F401
+from tests.scale_fixtures import modules_in_tmp, tiny_hf  # noqa: E402,F401
 
 pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parent.parent
 OPENPANGU = REPO / "scenarios" / "openpangu"
-
-
-@pytest.fixture
-def modules_in_tmp(tmp_path_factory, monkeypatch):
-    """Remote code lands in this session's tmp (one directory: transformers keeps the package it
-    made there importable); a fake torch_npu and the remote modeling module imported during the test
-    are forgotten after it, so the next test executes that module's imports again."""
-    import transformers.dynamic_module_utils as dynamic
-
-    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path_factory.getbasetemp() / "hf_modules"))
-    before = set(sys.modules)
-    yield
-    for name in set(sys.modules) - before:
-        if name.startswith("torch_npu") or name.endswith(".modeling_openpangu_dense"):
-            del sys.modules[name]
 
 
 def test_config_mirrors_the_released_one_but_size(tiny_hf):

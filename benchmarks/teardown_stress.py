@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script: make `testbed` importable
+    sys.path.insert(0, str(REPO))
+
+from testbed.engine.proctree import kill_tree  # noqa: E402
 MONITOR_SCRIPT = REPO / "tests" / "monitor_scripts.py"
 MODES = ("ddp", "trainer", "runner")
 ABORT_MARKERS = ("terminate called", "SIGABRT", "exitcode  : -6")
@@ -124,8 +127,8 @@ def launch(torchrun_args: list[str], out: Path, timeout: float,
         output, _ = proc.communicate(timeout=timeout)
         code: int | None = proc.returncode
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
+        kill_tree(proc.pid)  # torchrun and its ranks (each in a session of its own)
+        output, _ = proc.communicate(timeout=60)
         code = None
     return code, output, time.monotonic() - started
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any, Callable
 import pytest
 
 from testbed.record.files import read_metrics
+from testbed.engine.proctree import kill_tree
 from testbed.engine.runner import launch
 from testbed.scenario.spec import Scenario, load_scenario, parse_scenario
 from tests.helpers import tiny
@@ -153,14 +153,15 @@ def torchrun(args: list[str], tmp_path: Path, nproc: int = 2, timeout: float = T
 
 
 def run_bounded(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[int, str]:
-    """Run a command in its own session; on timeout kill that session (never leaves processes)."""
+    """Run a command in its own session; on timeout kill it and every descendant (torchrun's ranks
+    run in sessions of their own), so it never leaves processes or hangs on their output pipe."""
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
+        kill_tree(proc.pid)
+        out, _ = proc.communicate(timeout=60)
         raise AssertionError(f"{cmd[:6]}... did not finish in {timeout} s:\n{out[-4000:]}") from None
     return proc.returncode, out
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from testbed.engine.proctree import kill_tree
 from testbed.record.files import read_jsonl, read_metrics
 from tests.doc_snippets import snippets
 from tests.scale_fixtures import REPO, _shared
@@ -33,24 +34,11 @@ def _launch(modes: str, tmp_path: Path, **env: str) -> Path:
     try:
         log, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        _kill_tree(proc.pid)
+        kill_tree(proc.pid)  # torchrun and its ranks (each in a session of its own)
         log, _ = proc.communicate(timeout=60)
         pytest.fail(f"torchrun {modes} did not finish in {LAUNCH_TIMEOUT_S} s:\n{log[-6000:]}")
     assert proc.returncode == 0, log[-6000:]
     return out
-
-
-def _kill_tree(pid: int) -> None:
-    """torchrun starts each rank in a session of its own, so killing torchrun's process group would
-    leave the ranks (holding the output pipe) alive: kill every descendant by id, then torchrun."""
-    import psutil  # an accelerate dependency (the hf extra)
-
-    root = psutil.Process(pid)
-    for p in [*root.children(recursive=True), root]:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            continue
 
 
 @pytest.fixture(scope="session")

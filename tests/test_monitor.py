@@ -117,6 +117,32 @@ def test_exit_handler_joins_gloo_threads(script_destroys, tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1]
 
 
+def test_a_freed_model_never_destroys_its_gloo_group_holding_the_gil(tmp_path):
+    """Issue 17, the deadlock: a script that calls ``destroy_process_group()`` and then lets its DDP
+    model go (its training function returns) must not leave the DDP reducer as the group's last
+    owner - a reducer is freed with the GIL held, so ``~ProcessGroupGloo`` would join the worker
+    threads while one of them waits for the GIL (seen: 3 hangs in 14 runs of this file). The group
+    must survive the model and be destroyed by the exit handler, which releases the GIL."""
+    import gc
+
+    import torch.distributed.nn.functional  # noqa: F401 - imported first, its defaults do not hold the group
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    before = _gloo_thread_count()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    model = DDP(torch.nn.Linear(4, 1))
+    monitor = testbed.attach(model, out_dir=tmp_path)
+    model(torch.randn(8, 4)).pow(2).mean().backward()
+    monitor.step(0.0)
+    monitor.close()
+    dist.destroy_process_group()
+    del model, monitor
+    gc.collect()
+    assert _gloo_thread_count() > before  # the reducer was not the last owner
+    teardown.at_exit()
+    assert _gloo_thread_count() <= before
+
+
 def test_closed_monitor_lets_go_of_the_model(tmp_path):
     from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -225,6 +224,7 @@ def print_plan(scenario: Scenario, scenario_path: Path, args: argparse.Namespace
 def launch_torchrun(scenario: Scenario, scenario_path: Path, out_dir: Path, args: argparse.Namespace) -> Any:
     """Run this node's torchrun command (bounded by timeout_s) and return the RunResult rank 0 recorded."""
     from testbed.record.files import RUN_FILE, read_json
+    from testbed.engine.proctree import kill_tree
     from testbed.engine.runner import RunResult
 
     plan = make_plan(scenario, scenario_path, args, str(out_dir))
@@ -235,7 +235,7 @@ def launch_torchrun(scenario: Scenario, scenario_path: Path, out_dir: Path, args
     try:
         code = proc.wait(timeout=scenario.timeout_s + TORCHRUN_GRACE_S)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and the ranks it started: this session only
+        kill_tree(proc.pid)  # torchrun and its ranks (each rank runs in a session of its own)
         proc.wait()
         code = None
     run = read_json(out_dir / RUN_FILE) if (out_dir / RUN_FILE).exists() else {}

@@ -18,6 +18,16 @@ Why (issue 17; measured with torch 2.13 CPU, Python 3.11, see docs/reliability.m
    (``~ThreadLocalState``, noexcept), and the C++ runtime calls ``std::terminate``: "terminate called
    without an active exception", SIGABRT, after the training loop had finished.
 
+A second failure of the same chain, a deadlock rather than an abort: a ``c10d::Reducer`` is a
+pybind11 object freed *with the GIL held*. If it held the last reference to its gloo group (the
+script called ``destroy_process_group()``, then the DDP model went out of scope, e.g. when the
+training function returned), ``~ProcessGroupGloo`` joins the worker threads while holding the GIL,
+and a worker still dropping its last finished work (step 1) waits for the GIL forever. Seen in
+3 of 14 runs of ``tests/test_monitor.py`` (one rank stuck in ``std::thread::join`` under
+``Reducer::~Reducer``). Python ``ProcessGroup`` objects release the GIL in their destructor, so
+:func:`register` keeps a Python reference to the attached model's gloo group: the reducer is then
+never the last owner, and the group is destroyed by :func:`at_exit`, GIL released.
+
 :func:`release_gloo` removes condition 2: it destroys the gloo process groups and drops every
 reference it knows of (the default group, the reducers of the given DDP models, the stale
 defaults of ``torch.distributed.nn.functional``), dropping a Python ``ProcessGroup`` last, so that
@@ -48,6 +58,7 @@ GLOO_THREAD_NAMES = ("pt_gloo_runloop", "gloo_tcp_loop")
 
 _attached: "weakref.WeakSet[Any]" = weakref.WeakSet()  # DDP models the monitor was attached to
 _monitors: "weakref.WeakSet[Any]" = weakref.WeakSet()  # their Monitors (their hook state may hold a group)
+_held_groups: list[Any] = []  # gloo groups of attached models, held so no C++ reducer is their last owner
 _registered = False
 
 
@@ -72,6 +83,9 @@ def register(ddp_model: Any, monitor: Any) -> None:
     global _registered
     _attached.add(ddp_model)
     _monitors.add(monitor)
+    group = getattr(ddp_model, "process_group", None)  # DDP's; FSDP2 keeps its groups in Python objects
+    if group is not None and _is_gloo(group) and all(g is not group for g in _held_groups):
+        _held_groups.append(group)
     if not _registered:
         atexit.register(at_exit)
         _registered = True
@@ -96,7 +110,8 @@ def release_gloo(ddp_models: Iterable[Any] = ()) -> None:
     queued work. Does nothing to a default group of another backend. The DDP models lose their
     reducer (they cannot run another backward): use it at the very end.
     """
-    groups: list[Any] = []  # Python ProcessGroup objects, released last (their destructor drops the GIL)
+    groups: list[Any] = _held_groups[:]  # Python ProcessGroup objects, released last (their destructor drops the GIL)
+    _held_groups.clear()
     if dist.is_initialized():
         if dist.get_backend() != "gloo":
             return
@@ -107,6 +122,14 @@ def release_gloo(ddp_models: Iterable[Any] = ()) -> None:
     groups.extend(_drop_stale_default_groups())
     gc.collect()  # cycles that still reference a model: freed while `groups` keeps every group alive
     groups.clear()  # the last references: the groups are destroyed here, their threads joined
+
+
+def _is_gloo(group: Any) -> bool:
+    """Whether ``group`` is a live gloo group (False where torch no longer knows it)."""
+    try:
+        return dist.get_backend(group) == "gloo"
+    except (RuntimeError, ValueError):
+        return False
 
 
 def _registered_groups() -> list[Any]:

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from testbed.record.files import read_metrics
 from tests.helpers import assert_matches_oracle, oracle_errors, run, tiny
-from tests.scale_fixtures import torchrun
+from tests.scale_fixtures import REPO, torchrun
 from tests.test_dp_invariants import reference_run, relative_error, saved_weights
 
 SCRIPT = str(Path(__file__).with_name("fsdp2_scripts.py"))
@@ -46,6 +47,19 @@ def test_fsdp2_scenario_matches_the_oracle_and_one_big_batch_process(tmp_path: P
         assert row["loss"] == pytest.approx(ref["loss"], rel=1e-5)
         assert row["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
         assert row["cos_to_mean"] == pytest.approx(ref["cos_to_mean"], abs=1e-5)
+
+
+@pytest.mark.timeout(240)
+def test_shipped_fsdp2_control_passes_its_expectations_and_equals_brute_force(tmp_path: Path) -> None:
+    """scenarios/fsdp2_control.toml as shipped, through the gate: its [expect] (weights in sync,
+    cosines, verdict consistent) holds, and every row's self-check is within 1e-5 of brute force."""
+    from testbed.cli.main import main
+
+    assert main(["gate", str(REPO / "scenarios" / "fsdp2_control.toml"), "--out", str(tmp_path),
+                 "--baseline", str(tmp_path / "baseline.json"), "--update-baseline"]) == 0
+    rows = read_metrics(tmp_path / "fsdp2_control")
+    assert len(rows) == 20
+    assert_matches_oracle(rows, pairwise_steps=20)
 
 
 @pytest.mark.timeout(300)

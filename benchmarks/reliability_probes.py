@@ -21,20 +21,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from testbed.engine.proctree import descendants
+
 TICK = os.sysconf("SC_CLK_TCK")
 
 
 def ranks_of(parent: int) -> list[int]:
-    """Live spawned ranks (multiprocessing spawn_main) whose parent is ``parent``."""
+    """Live spawned ranks (multiprocessing spawn_main) below ``parent``."""
     out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
+    for pid in descendants(parent):
         try:
-            ppid = int(Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            if ppid == parent and b"spawn_main" in Path(f"/proc/{name}/cmdline").read_bytes():
-                out.append(int(name))
-        except (OSError, IndexError, ValueError):
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                out.append(pid)
+        except OSError:  # gone while we looked
             continue
     return out
 

@@ -97,19 +97,20 @@ def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def modules_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
     """Remote code lands in this session's tmp, never in the user's cache. The ``transformers_modules``
     package transformers made for another cache directory (an earlier test in this process) is
-    forgotten first, or the new cache's modules cannot be imported; a fake torch_npu and the remote
-    modules imported during the test are forgotten after it, so the next test executes them again."""
+    forgotten first, or the new cache's modules cannot be imported; the remote modules and a fake
+    torch_npu imported during the test are forgotten after it, so the next test executes them again
+    (a real torch_npu imported before the test stays)."""
     import transformers.dynamic_module_utils as dynamic
 
-    def forget() -> None:
-        for name in list(sys.modules):
-            if name.split(".")[0] in ("transformers_modules", "torch_npu"):
-                del sys.modules[name]
+    def forget(names: set[str]) -> None:
+        for name in names & set(sys.modules):
+            del sys.modules[name]
 
-    forget()
+    forget({n for n in sys.modules if n.split(".")[0] == "transformers_modules"})
     monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path_factory.getbasetemp() / "hf_modules"))
+    before = set(sys.modules)
     yield
-    forget()
+    forget({n for n in set(sys.modules) - before if n.split(".")[0] in ("transformers_modules", "torch_npu")})
 
 
 def hf_raw(tiny_hf: dict[str, Path], **changes: Any) -> dict[str, Any]:

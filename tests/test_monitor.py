@@ -121,7 +121,7 @@ def test_a_freed_model_never_destroys_its_gloo_group_holding_the_gil(tmp_path):
     """Issue 17, the deadlock: a script that calls ``destroy_process_group()`` and then lets its DDP
     model go (its training function returns) must not leave the DDP reducer as the group's last
     owner - a reducer is freed with the GIL held, so ``~ProcessGroupGloo`` would join the worker
-    threads while one of them waits for the GIL (seen: 3 hangs in 14 runs of this file). The group
+    threads while one of them waits for the GIL (seen: 3 hung ranks over 14 runs of this file). The group
     must survive the model and be destroyed by the exit handler, which releases the GIL."""
     import gc
 

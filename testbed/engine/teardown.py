@@ -22,8 +22,8 @@ A second failure of the same chain, a deadlock rather than an abort: a ``c10d::R
 pybind11 object freed *with the GIL held*. If it held the last reference to its gloo group (the
 script called ``destroy_process_group()``, then the DDP model went out of scope, e.g. when the
 training function returned), ``~ProcessGroupGloo`` joins the worker threads while holding the GIL,
-and a worker still dropping its last finished work (step 1) waits for the GIL forever. Seen in
-3 of 14 runs of ``tests/test_monitor.py`` (one rank stuck in ``std::thread::join`` under
+and a worker still dropping its last finished work (step 1) waits for the GIL forever. Seen as
+3 hung ranks over 14 runs of ``tests/test_monitor.py`` (one rank stuck in ``std::thread::join`` under
 ``Reducer::~Reducer``). Python ``ProcessGroup`` objects release the GIL in their destructor, so
 :func:`register` keeps a Python reference to the attached model's gloo group: the reducer is then
 never the last owner, and the group is destroyed by :func:`at_exit`, GIL released.

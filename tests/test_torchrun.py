@@ -81,3 +81,43 @@ def test_dry_run_prints_a_multi_node_plan(capsys, tmp_path):
 def test_dry_run_rejects_an_uneven_node_split(capsys, tmp_path):
     code = cli.main(["run", str(write_mlp_scenario(tmp_path)), "--launcher", "torchrun", "--dry-run", "--nnodes", "3"])
     assert code == 2 and "not divisible by --nnodes 3" in capsys.readouterr().err
+
+
+STAND_IN_TORCHRUN = """
+import subprocess, sys, time
+from pathlib import Path
+from testbed.engine.finalize import start_record
+from testbed.scenario.spec import load_scenario
+scenario_path, out, pid_file = map(Path, sys.argv[1:4])
+rank = subprocess.Popen(["sleep", "300"], start_new_session=True)  # as torchrun starts its ranks
+pid_file.write_text(str(rank.pid))
+start_record(load_scenario(scenario_path), out, "gloo", "torchrun")  # what rank 0 writes first
+time.sleep(300)  # hung
+"""
+
+
+def test_torchrun_timeout_kills_every_rank_and_finishes_the_record(monkeypatch, tmp_path):
+    """torchrun starts each rank in a session of its own: on timeout the launcher must kill them
+    too (not only torchrun's session), and finish the record rank 0 could not. A stand-in torchrun
+    (same Popen call) plays a hung job, so this takes seconds, not timeout_s + the 60 s grace."""
+    import subprocess
+
+    from testbed.engine import launch_plan
+
+    scenario, out, pid_file = write_mlp_scenario(tmp_path), tmp_path / "run", tmp_path / "rank.pid"
+    real_popen = subprocess.Popen
+
+    def stand_in(cmd, **kwargs):
+        assert cmd[1:3] == ["-m", "torch.distributed.run"] and kwargs["start_new_session"]
+        return real_popen([sys.executable, "-c", STAND_IN_TORCHRUN, str(scenario), str(out), str(pid_file)], **kwargs)
+
+    monkeypatch.setattr(launch_plan.subprocess, "Popen", stand_in)
+    monkeypatch.setattr(launch_plan, "TORCHRUN_GRACE_S", 4.0)
+    code = cli.main(["run", str(scenario), "--launcher", "torchrun", "--out", str(out), "--set", "timeout_s=1",
+                     "--no-progress"])
+    assert code == 1
+    rank = int(pid_file.read_text())
+    assert not Path(f"/proc/{rank}").exists() or Path(f"/proc/{rank}/stat").read_text().split()[2] == "Z"
+    record = run_json(out)
+    assert record["status"] == "failed" and "exceeded timeout_s + 4 s and was killed" in record["reason"]
+    assert "verdict" in record and record["steps_kept"] == 0

@@ -224,6 +224,7 @@ def print_plan(scenario: Scenario, scenario_path: Path, args: argparse.Namespace
 def launch_torchrun(scenario: Scenario, scenario_path: Path, out_dir: Path, args: argparse.Namespace) -> Any:
     """Run this node's torchrun command (bounded by timeout_s) and return the RunResult rank 0 recorded."""
     from testbed.record.files import RUN_FILE, read_json
+    from testbed.engine.finalize import finish_record
     from testbed.engine.proctree import kill_tree
     from testbed.engine.runner import RunResult
 
@@ -248,4 +249,7 @@ def launch_torchrun(scenario: Scenario, scenario_path: Path, out_dir: Path, args
                          wall_time_s=wall)
     reason = (f"torchrun exceeded timeout_s + {TORCHRUN_GRACE_S:g} s and was killed" if code is None
               else f"torchrun exited with code {code} before rank 0 finished the record")
-    return RunResult(out_dir, "failed", reason, wall_time_s=wall)
+    result = RunResult(out_dir, "failed", reason, wall_time_s=wall)
+    if run.get("status") == "running":  # rank 0 died (or was killed here) before finishing its record
+        finish_record(out_dir, run, result)
+    return result

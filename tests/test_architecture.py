@@ -16,7 +16,7 @@ import grimp
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "testbed"
 ROOMS = {"scenario", "perturb", "workloads", "metrics", "diagnose", "engine", "record", "report", "gate",
-         "integrations", "cli"}
+         "integrations", "cli", "schema"}
 TOP_LEVEL_ALLOWED = {"__init__.py", "__main__.py", "worker.py", "tiny_checkpoint.py"}  # the last two: `python -m` names
 
 

@@ -1,0 +1,76 @@
+"""One metrics row (a line of ``metrics.jsonl``; what ``monitor.step`` returns): its keys and types.
+
+The contract is ``shared/METRICS.md`` and ``docs/metrics.md``. Writers build rows with these
+constants, readers read them with these constants; ``Row`` documents the types. Every field but
+``step`` is optional: an unmeasured step that only checked the weights holds ``step`` and the
+weight fields, and any metric can be ``None`` (JSON null) in a degenerate case (see ``flags``).
+"""
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+STEP = "step"
+LOSS = "loss"
+GLOBAL_LOSS = "global_loss"
+LOSS_STD = "loss_std"
+LOSS_CV = "loss_cv"
+GRAD_NORM = "grad_norm"
+GRAD_NORM_STD = "grad_norm_std"
+GRAD_NORM_CV = "grad_norm_cv"
+MEAN_GRAD_NORM = "mean_grad_norm"
+COS_TO_MEAN = "cos_to_mean"
+COS_MEAN = "cos_mean"
+COS_MIN = "cos_min"
+FLAGS = "flags"
+NOISE_SCALE = "noise_scale"
+PAIRWISE_COS = "pairwise_cos"
+PAIRWISE_COS_MEAN = "pairwise_cos_mean"
+WEIGHT_CHECKSUM = "weight_checksum"
+WEIGHTS_IN_SYNC = "weights_in_sync"
+LR = "lr"
+SELF_CHECK = "self_check"
+GLOBAL_STEP = "global_step"  # a framework's own step counter (HF Trainer, Lightning), when it has one
+
+# A flag: {"rank": r | None, "kind": one of FLAG_KINDS}
+FLAG_RANK = "rank"
+FLAG_KIND = "kind"
+NONFINITE_LOSS = "nonfinite_loss"
+NONFINITE_GRAD = "nonfinite_grad"
+ZERO_GRAD = "zero_grad"
+ZERO_MEAN_GRAD = "zero_mean_grad"
+ZERO_MEAN_LOSS = "zero_mean_loss"
+ZERO_MEAN_GRAD_NORM = "zero_mean_grad_norm"
+NOISE_SCALE_UNDEFINED = "noise_scale_undefined"
+FLAG_KINDS = (NONFINITE_LOSS, NONFINITE_GRAD, ZERO_GRAD, ZERO_MEAN_GRAD, ZERO_MEAN_LOSS, ZERO_MEAN_GRAD_NORM,
+              NOISE_SCALE_UNDEFINED)
+
+
+class Flag(TypedDict):
+    rank: int | None
+    kind: str
+
+
+class Row(TypedDict, total=False):
+    """The types behind the keys above (``total=False``: only ``step`` is always present)."""
+
+    step: int
+    loss: list[float | None]
+    global_loss: float | None
+    loss_std: float | None
+    loss_cv: float | None
+    grad_norm: list[float | None]
+    grad_norm_std: float | None
+    grad_norm_cv: float | None
+    mean_grad_norm: float | None
+    cos_to_mean: list[float | None]
+    cos_mean: float | None
+    cos_min: float | None
+    flags: list[Flag]
+    noise_scale: float | None
+    pairwise_cos: list[list[float | None]]
+    pairwise_cos_mean: float | None
+    weight_checksum: list[int]
+    weights_in_sync: bool
+    lr: float | None
+    self_check: dict[str, Any]
+    global_step: int

@@ -110,7 +110,9 @@ def test_two_ranks_exact_sign_flip_for_few_steps():
 @pytest.mark.parametrize("pairwise_every", [0, 2])
 def test_groups_are_reported_not_one_rank(pairwise_every):
     """Ranks 0–3 vs 4–7: their gradients share a component (seen in the pairwise cosines) and
-    their loss is offset (the step-down test names ranks 0–3, all high: a split)."""
+    their loss is offset: each half is exchangeable within itself, every set of ≥ 4 ranks that
+    mixes them is rejected — a split (closed testing names no rank: which half is wrong is not
+    decidable)."""
     stream = Stream(8, 40, offset={0: 0.05, 1: 0.05, 2: 0.05, 3: 0.05}, pairwise_every=pairwise_every,
                     grad_groups=((0, 1, 2, 3), (4, 5, 6, 7)))
     v = diagnose(stream.rows(3))
@@ -190,22 +192,18 @@ def test_transient_spike_counts_when_beyond_the_runs_tails():
     v = diagnose(rows)
     assert (v.status, v.ranks, v.since_step) == ("inconsistent", [2], 12)
     (e,) = v.evidence
-    assert (e.kind, e.metric, e.p_value, e.effect["peak_step"], e.effect["confirmed"]) == \
-        ("transient", "grad_norm", None, 12, True)
-    assert e.effect["value"] >= 5 * e.effect["reference"]
+    assert (e.kind, e.metric, e.effect["peak_step"], e.effect["confirmed"]) == ("transient", "grad_norm", 12, True)
+    assert e.p_value <= ALPHA and e.effect["until_step"] == 13 and v.until_step == 13
     assert v.headline().startswith("INCONSISTENT — rank 2: grad norm spike at step 12 (robust z = +")
     assert diagnose(rows, transient_threshold=None).status == "consistent"
 
 
-def test_spikes_within_the_runs_tails_do_not_count():
-    """Two ranks spike alike at different steps: each spike is within the run's own tails, as in a
-    heavy-tailed healthy run. Both are reported, unconfirmed; the status stays consistent."""
-    rows = Stream(4, 40).rows(6)
-    rows[5]["grad_norm"][1] *= 30
-    rows[20]["grad_norm"][2] *= 30
-    v = diagnose(rows)
-    assert (v.status, v.ranks, v.since_step) == ("consistent", [], None)
-    assert [(e.rank, e.effect["peak_step"], e.effect["confirmed"]) for e in v.evidence] == [(1, 5, False), (2, 20, False)]
+def test_spikes_of_a_heavy_tailed_run_do_not_count():
+    """Cauchy noise: z beyond 8 are frequent, and the tail test reads the tail as heavy — the
+    spikes stay in the evidence, unconfirmed, and the status is consistent."""
+    v = diagnose(Stream(4, 80, tails="cauchy").rows(3))
+    assert v.status == "consistent" and v.evidence
+    assert all(e.kind == "transient" and not e.effect["confirmed"] for e in v.evidence)
     assert "unconfirmed spikes" in v.headline()
 
 
@@ -246,7 +244,7 @@ def test_json_contract_and_determinism():
     rows = Stream(4, 40, offset={3: 0.1}).rows(10)
     v = diagnose(rows)
     out = v.to_json()
-    assert list(out) == ["status", "ranks", "groups", "since_step", "alpha", "evidence", "steps"]
+    assert list(out) == ["status", "ranks", "groups", "since_step", "until_step", "alpha", "evidence", "steps"]
     assert out["alpha"] == 0.01 and out["steps"] == 40
     for e in out["evidence"]:
         assert set(e) in ({"metric", "rank", "effect", "p_value", "kind"}, {"metric", "group", "effect", "p_value", "kind"})

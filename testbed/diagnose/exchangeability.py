@@ -30,12 +30,8 @@ Carlo p-values", Biometrika 78: p = h / L, still a valid p-value) — a healthy 
 draws, a significant one the full B. Where every relabeling can be listed (``(N!)^T ≤ EXACT_LIMIT``)
 the p-value is exact: the share of relabelings with ``T* ≥ T``.
 
-Attribution (``name_ranks``) is step-down: if the test rejects, the rank with the largest ``|Z_i|``
-is named, removed, and the remaining ranks are tested again among themselves at the same level,
-until a test does not reject (or two ranks are left and differ: both are named — with two ranks
-a difference is detectable but not attributable). The first test is exact at its level; the
-naming is a sequentially rejective heuristic (a removed outlier no longer shifts the others), not
-a separate guarantee per rank.
+Who is named is not decided here: ``testbed.diagnose.naming`` (closed testing, so that a healthy
+rank is named with probability ≤ α).
 
 Bit-identical ranks (replicated batches) leave nothing random to permute: ``replicas``.
 """
@@ -163,39 +159,6 @@ def _all_relabelings(u: np.ndarray) -> np.ndarray:
     choice = np.indices((len(perms),) * t_count).reshape(t_count, -1).T  # [K, T]
     permuted = u[np.arange(t_count)[None, :, None], perms[choice]]  # [K, T, n]
     return np.max(np.abs(permuted.sum(axis=1)), axis=1)
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One step of the step-down naming: the ranks tested, the test, the rank named (or None)."""
-
-    ranks: tuple[int, ...]
-    result: PermutationResult
-    named: tuple[int, ...]
-
-
-def name_ranks(x: np.ndarray, *, level: float, rng_for: Callable[[int], np.random.Generator],
-               max_draws: int, first: PermutationResult | None = None) -> list[Stage]:
-    """Step-down naming (module doc) on finite ``x [T, N]`` (comparable scale). The first stage
-    is the metric's test (``first``, if already run with ``rng_for(0)``); later ones run only
-    while the previous rejected at ``level``."""
-    active = list(range(x.shape[1]))
-    stages: list[Stage] = []
-    while len(active) >= 2:
-        if stages or first is None:
-            result = rank_sum_test(standardize(x[:, active]), rng=rng_for(len(stages)), max_draws=max_draws)
-        else:
-            result = first
-        if result.p_value > level:
-            stages.append(Stage(tuple(active), result, ()))
-            break
-        if len(active) == 2:
-            stages.append(Stage(tuple(active), result, tuple(active)))
-            break
-        worst = active[int(np.argmax(np.abs(result.sums)))]
-        stages.append(Stage(tuple(active), result, (worst,)))
-        active.remove(worst)
-    return stages
 
 
 def onset(series: np.ndarray) -> int:

@@ -17,6 +17,15 @@ not a stable one). Then:
 - no majority (two pairs with different dropout masks): the classes are exact ``groups``;
 - at the other steps, a rank that leaves its class (a corrupted value on one replica) —
   ``transient`` when it happens at a few steps, ``persistent`` when at most steps from then on.
+
+Which side of a *partial* replication is wrong depends on intent. A ``replicate_batch`` baseline
+replicates on purpose, and the ranks apart from the replicas are the fault (``intended=True``). In a
+job that should shard its data, ranks that read the same batches are the fault (``intended=False``:
+"ranks 1–2 read rank 0's batches"). Unknown intent (``None``, the default): when two or more ranks
+sit apart, each on its own, they look like ordinary independent ranks and the replicas are the
+anomaly; with one rank apart the replicas are taken as the baseline (the catalog's seed and
+precision scenarios). Replicas named as the anomaly are named only when they are a minority —
+among a majority of identical ranks, which one read its own data is not decidable.
 """
 from __future__ import annotations
 
@@ -62,6 +71,13 @@ def outside_majority(labels: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(range(len(labels))) if big is None else tuple(r for r in range(len(labels)) if r not in big)
 
 
+def replicas_are_the_fault(labels: tuple[int, ...], intended: bool | None) -> bool:
+    """Whether the replicated classes, not the ranks apart from them, are the anomaly (module doc)."""
+    if intended is not None:
+        return not intended
+    return sum(1 for g in classes(labels) if len(g) == 1) >= 2
+
+
 def breaks(values: np.ndarray, labels: tuple[int, ...]) -> list[tuple[int, ...]]:
     """At one step: members of the structure's classes that left them — per class, the members
     differing from the class's strict majority value (one key per rank), or the whole class as one
@@ -81,16 +97,25 @@ def breaks(values: np.ndarray, labels: tuple[int, ...]) -> list[tuple[int, ...]]
 
 
 def replica_evidence(metric: str, steps: list[int], values: np.ndarray, x: np.ndarray, log_scale: bool,
-                     labels: tuple[int, ...]) -> tuple[list[Evidence], list[list[int]] | None]:
+                     labels: tuple[int, ...], intended: bool | None = None) -> tuple[list[Evidence], list[list[int]] | None]:
     """Evidence of a metric whose ranks are replicas (``structure`` gave ``labels``): ``values``
     are the raw finite values ``[T, N]``, ``x`` their comparable form. Returns the evidence and,
-    when the classes have no majority, the classes as exact groups."""
+    when the classes have no majority (or the replicas are the fault), the exact groups."""
     n = values.shape[1]
     groups = classes(labels)
     at_structure = np.array([partition(row) == labels for row in values])
     out: list[Evidence] = []
     exact_groups = None
-    if len(groups) > 1:
+    if len(groups) > 1 and replicas_are_the_fault(labels, intended):
+        first = steps[int(np.argmax(at_structure))]
+        for g in (g for g in groups if len(g) > 1):
+            rest = [r for r in range(n) if r not in g]
+            effect = {"value": len(g), "unit": "ranks with bit-identical values (reading the same batches: impossible "
+                      "for ranks that read their own)", "since_step": first, "steps": int(at_structure.sum()),
+                      "of": len(steps), "replicated": True, "attributable": 2 * len(g) < n}
+            exact_groups = sorted([g, rest], key=lambda a: a[0])
+            out.append(Evidence(metric, "persistent", effect, 0.0, group=[g, rest]))
+    elif len(groups) > 1:
         first = steps[int(np.argmax(at_structure))]
         big = majority(groups, n)
         if big is None:

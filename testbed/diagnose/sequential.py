@@ -36,7 +36,7 @@ import numpy as np
 
 from testbed.diagnose.attribution import LOG_METRICS, METRICS
 from testbed.diagnose.betting import RankBets, closed_names
-from testbed.diagnose.replicas import breaks, classes, outside_majority, partition
+from testbed.diagnose.replicas import breaks, classes, outside_majority, partition, replicas_are_the_fault
 from testbed.diagnose.summary import diverging_ranks
 
 Row = dict[str, Any]
@@ -154,7 +154,11 @@ class SequentialTest:
         if labels == structure:
             self._run[metric] = run + 1
             if run + 1 == MIN_TIED and len(classes(structure)) > 1:
-                who = outside_majority(structure)
+                if replicas_are_the_fault(structure, None):  # ranks reading the same batches
+                    g = next(g for g in classes(structure) if len(g) > 1)
+                    who = tuple(g) if 2 * len(g) < len(structure) else ()
+                else:
+                    who = outside_majority(structure)
                 return [Alarm("persistent", step, metric, who[0] if len(who) == 1 else None, who, math.inf)]
             return []
         if run < MIN_TIED:

@@ -28,7 +28,7 @@ def headline(v: "Verdict") -> str:
             return "consistent — no steps recorded"
         text = f"consistent — no rank differs from the others beyond chance (α = {v.alpha:g}, {v.steps} steps)"
         if v.evidence:  # only unconfirmed spikes can be left
-            text += "; unconfirmed spikes, within the run's own tails: " + _subjects(v.evidence, v)
+            text += "; unconfirmed spikes, within the run's own tail: " + _subjects(v.evidence, v)
         return text
     if v.status == "diverged":
         div = [e for e in v.evidence if e.kind == "divergence"]
@@ -41,7 +41,7 @@ def headline(v: "Verdict") -> str:
         text += " — with 2 ranks the difference cannot be attributed to either without a control run"
     unconfirmed = len(v.evidence) - len(counted)
     if unconfirmed:
-        text += f" (+{unconfirmed} unconfirmed spike(s) within the run's own tails)"
+        text += f" (+{unconfirmed} unconfirmed spike(s) within the run's own tail)"
     return text
 
 
@@ -51,6 +51,8 @@ def _subjects(evidence: list["Evidence"], v: "Verdict") -> str:
     by: dict[Any, dict[str, list[str]]] = {}
     for e in sorted(evidence, key=lambda e: e.group is None):  # splits first
         key = e.rank if e.rank is not None else tuple(tuple(g) for g in e.group or [])
+        if e.effect.get("attributable") is False and not e.effect.get("replicated"):
+            key = "unattributed"
         label, tail = _phrase(e, v)
         by.setdefault(key, {}).setdefault(tail, []).append(label)
     parts = [f"{_subject(key)}: " + ", ".join(f"{_and(labels)} {tail}".strip() for tail, labels in tails.items())
@@ -65,6 +67,8 @@ def _and(labels: list[str]) -> str:
 
 
 def _subject(key: Any) -> str:
+    if key == "unattributed":
+        return "no rank named"
     if isinstance(key, int):
         return f"rank {key}"
     if all(len(g) == 1 for g in key):
@@ -86,6 +90,11 @@ def _phrase(e: "Evidence", v: "Verdict") -> tuple[str, str]:
     if e.kind == "nonfinite":
         return f"non-finite {label}", f"at step {since}" + (f" ({f['value']} steps)" if f["value"] > 1 else "")
     if f.get("replicated"):
+        if e.group is not None and str(f.get("unit", "")).startswith("ranks with bit-identical"):
+            who = ", ".join(map(str, e.group[0]))
+            tail = "" if f.get("attributable") else "; which of them read their own data is not decidable"
+            return label, (f"bit-identical on ranks {who} on {f['steps']}/{f['of']} steps: they read the same "
+                           f"batches (exact){tail}")
         if e.group is not None and any(len(g) > 1 for g in e.group):
             return label, f"bit-identical within each group, different between, on {f['steps']}/{f['of']} steps (exact)"
         if f["unit"].startswith(("relative", "difference")):
@@ -96,8 +105,15 @@ def _phrase(e: "Evidence", v: "Verdict") -> tuple[str, str]:
         return label, f"left its bit-identical replicas at step {since}{more} (exact: impossible for replicas)"
     if e.kind == "transient":
         more = f", {f['steps']} steps" if f["steps"] > 1 else ""
+        p = f"; {_p(e.p_value)}" if e.p_value is not None else "; too short a run to judge"
         return label, (f"spike at step {f['peak_step']} (robust z = {f['value']:+.3g}{more}; "
-                       f"other steps ≤ {f['reference']:.2g}; a rule, no exact p)")
+                       f"healthy values ≤ {f['reference']:.2g}{p}, tail test)")
+    if f.get("attributable") is False:
+        value = f["value"]
+        amount = f"{abs(value) * 100:.3g} %" if f["unit"].startswith("relative") else f"{abs(value):.3g}"
+        word = "above" if value > 0 else "below"
+        return label, (f"differs between ranks, attributable to none at α (largest: rank {f['leading_rank']}, "
+                       f"{amount} {word} the others) ({_p(e.p_value)})")
     if e.metric in ("pairwise_cos", "deviations"):
         return label, f"{f['within']:.2g} within vs {f['between']:.2g} between the groups ({_p(e.p_value)})"
     value = f["value"]

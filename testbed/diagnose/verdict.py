@@ -2,36 +2,35 @@
 
 ``diagnose(rows)`` reads the recorded rows (``metrics.jsonl``, also a failed run's partial rows) and
 returns a ``Verdict`` — ``consistent`` / ``inconsistent`` / ``diverged``, the suspect ranks or groups,
-the first step, and the evidence, each with a p-value where one is exact (``METRICS.md``, "The
-verdict"). The null hypothesis is what healthy synchronous DP guarantees: the ranks are
-*exchangeable* at every step.
+when the evidence starts (and ends), and the evidence, each with a p-value where one is stated
+(``METRICS.md``, "The verdict"). The null hypothesis is what healthy synchronous DP guarantees: the
+ranks are *exchangeable* at every step.
 
-Evidence, and how sure each kind is:
+The α family (Holm's step-down over its members, so the chance that a healthy run is called
+inconsistent by any of them is ≤ α; measured: ``tests/test_verdict.py``):
 
-- ``persistent`` — a rank (or a group) differs over the run: per-metric permutation tests of
-  the ranks' pooled standardized deviations (``exchangeability``), and a permutation test of a
-  two-group split (``groups``); Holm's step-down correction across these tests, so the chance that
-  a healthy run is called inconsistent by them is ≤ α **whatever the distributions and the drift**
-  (measured: ``tests/test_verdict.py``). ``p_value`` is Holm-adjusted.
-- ``transient`` — a spike: the attribution rule (``testbed.diagnose.attribution``: robust z > 8 at a step).
-  A relabeling test cannot judge one step of one rank (it gives p ≥ 1/N), so ``p_value`` is
-  ``None``, and the spike counts against the run only when it is ``confirmed``: at least 5× the
-  largest |z| at the run's other steps (``transient``; a rule with a stated assumption, not a test
-  at α — its measured false-alarm rates are in ``docs/diagnosis.md``). Unconfirmed spikes stay in
-  the evidence and do not change the status. ``transient_threshold=None`` turns spikes off.
-- bit-identical ranks (replicated batches, ``replicas``) are their own case: a difference between
-  replicas is impossible under the null — ``persistent`` or ``transient`` evidence with
-  ``p_value`` 0; classes of replicas with no majority are exact ``groups`` (they take precedence
-  over the statistical split). Such a metric leaves the α family and the spike rule.
-- ``nonfinite`` — a NaN/Inf flag on a rank (the contract: consistent means none); ``p_value`` None.
-- ``divergence`` — weight checksums differ: the job is no longer data parallel; ``p_value`` 0.
+- per metric, a permutation test of the ranks' pooled standardized deviations
+  (``exchangeability``: exact whatever the distributions and the drift);
+- a permutation test of a two-group split (``groups``);
+- the spike test (``transient``): the largest values against the run's own upper tail — valid under
+  a stated tail assumption (no heavier than Pareto: Cauchy included), not distribution-free.
 
-Two ranks: a persistent difference is detected (the exact sign-flip test) but not attributed —
-both ranks are named, and the text says so. World size 1: nothing to compare, consistent.
+Who is named (``naming``): closed testing over every set of at least ⌈N/2⌉ ranks, with the α family
+as the test of all ranks and betting e-processes (``betting``) for the others — a healthy rank is
+named with probability ≤ α as long as at least half the ranks are healthy. Effects are measured
+against the ranks not named; ``since_step`` / ``until_step`` come from a change-point estimate
+with support intervals (``changepoint``). A significant metric whose difference nobody can be
+named for is reported as not attributable (``effect.attributable: false``, ``ranks`` empty).
+
+Exact evidence (no p-value to state, or p = 0): bit-identical ranks that differ (``replicas``:
+impossible for replicas; such a metric leaves the α family), ``nonfinite`` flags, weight
+``divergence``. Two ranks: a persistent difference is detected (the exact sign-flip test) but not
+attributed — both ranks are named, and the text says so. World size 1: nothing to compare.
+
 Status: ``diverged`` when a weight check failed; else ``inconsistent`` when any evidence counts
-(``evidence.counts``: all but unconfirmed spikes); else ``consistent``. ``ranks`` and ``since_step``
-come from the evidence that counts (for a split: the smaller group, or all of its ranks when the
-groups are the same size — which half is wrong is not decidable).
+(``evidence.counts``: all but unconfirmed spikes); else ``consistent``. ``ranks`` and
+``since_step`` / ``until_step`` come from the evidence that counts (for a split: the smaller
+group, or all of its ranks when the groups are the same size).
 """
 from __future__ import annotations
 
@@ -45,20 +44,22 @@ from testbed.diagnose.attribution import DEFAULT_THRESHOLD, LOG_METRICS, METRICS
 from testbed.diagnose import exchangeability as ex
 from testbed.diagnose import replicas
 from testbed.diagnose.evidence import Evidence, counts
+from testbed.diagnose.findings import divergence_evidence, nonfinite_evidence, persistent_evidence, transient_evidence
 from testbed.diagnose.groups import GroupResult, deviation_features, group_test, pairwise_features
+from testbed.diagnose.naming import Names, name_ranks
 from testbed.diagnose.text import headline
 from testbed.diagnose.transient import spikes
-from testbed.diagnose.summary import diverging_ranks
 
 Row = dict[str, Any]
 MIN_DRAWS = 4999  # Monte-Carlo relabelings for a significant test: p resolution 1/5000
+SPIKES = "transient"  # the spike test's name in the family
 
 
 @dataclass(frozen=True)
 class Verdict:
     """``to_json()`` is the ``run.json["verdict"]`` contract; ``headline()`` the one-line reading.
-    ``notes`` and ``tests`` (every permutation test: raw and adjusted p, draws) are for humans and
-    debugging, not part of the JSON."""
+    ``notes`` and ``tests`` (every test of the α family: raw and adjusted p, draws) are for humans
+    and debugging, not part of the JSON."""
 
     status: str  # consistent | inconsistent | diverged
     ranks: list[int]
@@ -70,10 +71,11 @@ class Verdict:
     world_size: int
     notes: list[str] = field(default_factory=list)
     tests: list[Row] = field(default_factory=list)
+    until_step: int | None = None  # the evidence that counts ended here (exclusive); None: it lasts
 
     def to_json(self) -> Row:
         return {"status": self.status, "ranks": list(self.ranks), "groups": self.groups,
-                "since_step": self.since_step, "alpha": self.alpha,
+                "since_step": self.since_step, "until_step": self.until_step, "alpha": self.alpha,
                 "evidence": [e.to_json() for e in self.evidence], "steps": self.steps}
 
     def headline(self) -> str:
@@ -86,13 +88,16 @@ class Verdict:
 
     @property
     def min_p(self) -> float:
-        """Smallest Holm-adjusted p of the permutation tests (1.0 if none ran)."""
+        """Smallest Holm-adjusted p of the α family (1.0 if no test ran)."""
         return min((t["p_adjusted"] for t in self.tests), default=1.0)
 
 
 def diagnose(rows: Sequence[Row], *, alpha: float = 0.01, world_size: int | None = None, seed: int = 0,
-             transient_threshold: float | None = DEFAULT_THRESHOLD) -> Verdict:
-    """The verdict on recorded rows (module doc). Deterministic for a given ``seed``."""
+             transient_threshold: float | None = DEFAULT_THRESHOLD, replicas_intended: bool | None = None) -> Verdict:
+    """The verdict on recorded rows (module doc). Deterministic for a given ``seed``.
+    ``transient_threshold``: the smallest |z| reported as a spike (None: no spike test).
+    ``replicas_intended``: whether bit-identical ranks are meant (a ``replicate_batch`` baseline: the
+    ranks apart from them are the fault) or not (they are the fault); None: unknown (``replicas``)."""
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     rows = [r for r in rows if isinstance(r, dict) and isinstance(r.get("step"), int)]
@@ -103,81 +108,86 @@ def diagnose(rows: Sequence[Row], *, alpha: float = 0.01, world_size: int | None
     if n < 2:
         note = "world size 1: nothing to compare" if n == 1 else "no per-rank values recorded"
         return Verdict("consistent", [], None, None, alpha, [], steps, n, [note])
-    family, evidence, exact_groups, replicated = _sort_metrics(tables, n)
+    family, evidence, exact_groups, replicated = _sort_metrics(tables, n, replicas_intended)
     notes = [f"bit-identical ranks in {', '.join(replicated)}: any difference between them is an anomaly"] \
         if replicated else []
 
-    # --- the α-controlled family: one test per metric, plus the group split
+    # --- the α family: one permutation test per metric, the group split, the spike test
     standardized = {metric: ex.standardize(x) for metric, (_, x, _) in family.items()}
     deviations = deviation_features([(steps_m, ex.standardize(x, recenter=False)) for steps_m, x, _ in family.values()])
     deviation_steps = sorted({s for steps_m, _, _ in family.values() for s in steps_m})
     pairwise = pairwise_features(rows, n)
     group_possible = n >= 4 and (pairwise[0].shape[0] >= 3 or deviations.shape[0] >= 3)
-    m = len(family) + int(group_possible)
-    max_draws = max(MIN_DRAWS, math.ceil(4 * m / alpha))
-    first: dict[str, ex.PermutationResult] = {}
+    spike_metrics = [m for m in METRICS if m in family]
+    spike_p = None if transient_threshold is None else spikes(tables, spike_metrics, {}, transient_threshold, -1.0)[1]
+    max_draws = max(MIN_DRAWS, math.ceil(4 * (len(family) + int(group_possible) + 1) / alpha))
     raw_p: dict[str, float] = {}
-    for k, (metric, (_, x, _)) in enumerate(family.items()):
-        first[metric] = ex.rank_sum_test(standardized[metric], rng=_rng(seed, k, 0), max_draws=max_draws)
-        raw_p[metric] = first[metric].p_value
+    draws: dict[str, int] = {}
+    for k, metric in enumerate(family):
+        result = ex.rank_sum_test(standardized[metric], rng=_rng(seed, k, 0), max_draws=max_draws)
+        raw_p[metric], draws[metric] = result.p_value, result.draws
     split: GroupResult | None = None
     if group_possible:
         split = group_test(deviations=(deviations, deviation_steps), pairwise=pairwise, rng=_rng(seed, 99, 0),
                            max_draws=max_draws)
         if split is not None:
-            raw_p["groups"] = split.p_value
+            raw_p["groups"], draws["groups"] = split.p_value, split.draws
+    if spike_p is not None:
+        raw_p[SPIKES], draws[SPIKES] = spike_p, 0
     adjusted, multiplier = holm(raw_p)
-    tests = [{"test": name, "p_raw": raw_p[name], "p_adjusted": adjusted[name],
-              "draws": (split.draws if name == "groups" else first[name].draws),
-              "exact": name != "groups" and first[name].exact} for name in raw_p]
+    tests = [{"test": name, "p_raw": raw_p[name], "p_adjusted": adjusted[name], "draws": draws[name],
+              "exact": name in family} for name in raw_p]
 
-    named: dict[str, tuple[list[int], list[float]]] = {}  # metric -> (ranks named, their p-values)
-    for k, (metric, (kept_steps, x, log_scale)) in enumerate(family.items()):
-        if adjusted[metric] > alpha:
-            continue
-        stages = ex.name_ranks(x, level=alpha / multiplier[metric], rng_for=lambda s, k=k: _rng(seed, k, s),
-                               max_draws=max_draws, first=first[metric])
-        ranks_m, p_m = [], []
-        running = adjusted[metric]  # a rank named at stage s: p = max over stages ≤ s (step-down)
-        for stage in stages:
-            running = max(running, min(1.0, stage.result.p_value * multiplier[metric]))
-            ranks_m += stage.named
-            p_m += [running] * len(stage.named)
-        named[metric] = (ranks_m, p_m)
-    groups, split_evidence = _resolve_groups(split, adjusted.get("groups", 1.0), multiplier.get("groups", 1), named,
+    # --- who: closed testing; groups; the evidence of each significant metric
+    persistent_p = min((adjusted[name] for name in raw_p if name != SPIKES), default=1.0)
+    names = name_ranks(family, n, alpha, persistent_p) if persistent_p <= alpha else Names([], {}, 0, [])
+    groups, split_evidence = _resolve_groups(split, adjusted.get("groups", 1.0), multiplier.get("groups", 1), names.ranks,
                                              n, deviations, deviation_steps, pairwise, seed, max_draws, alpha)
     evidence += split_evidence
     if exact_groups is not None:
         groups = exact_groups  # bit-identical classes: exact, they take precedence
     if groups is None:
-        groups = _offset_groups(family, named, n)
-    for metric, (ranks_m, p_m) in named.items():
-        kept_steps, x, log_scale = family[metric]
-        evidence += _persistent_evidence(metric, kept_steps, x, standardized[metric], log_scale, ranks_m, p_m,
-                                         groups, n)
-    named_by_metric = {metric: set(r) for metric, (r, _) in named.items()}
-
-    evidence += _transient_evidence(tables, [m for m in METRICS if m in family], named_by_metric,
-                                    transient_threshold)
-    evidence += _nonfinite_evidence(rows)
-    divergence, div_groups = _divergence_evidence(rows, n)
+        groups = _offset_groups(family, [m for m in family if adjusted[m] <= alpha], names.ranks, n) or names.split(n)
+    for metric, (kept_steps, x, log_scale) in family.items():
+        if adjusted[metric] <= alpha:
+            evidence += persistent_evidence(metric, kept_steps, x, standardized[metric], log_scale, adjusted[metric],
+                                            names.ranks, names.p_values, groups, n, alpha)
+    if names.ranks:
+        notes.append(f"named by closed testing over {names.sets} sets of ≥ {math.ceil(n / 2)} ranks "
+                     "(a healthy rank is named with probability ≤ α while at least half the ranks are healthy)")
+    level = alpha / multiplier[SPIKES] if adjusted.get(SPIKES, 1.0) <= alpha else -1.0  # Holm's level for the spikes
+    found_spikes = [] if transient_threshold is None else spikes(tables, spike_metrics, {}, transient_threshold, level)[0]
+    reported = [s for s in found_spikes if s.rank not in names.ranks]
+    evidence += transient_evidence(reported, transient_threshold or 0.0, adjusted.get(SPIKES),
+                                   multiplier.get(SPIKES, 1), alpha)
+    evidence += nonfinite_evidence(rows)
+    divergence, div_groups = divergence_evidence(rows, n)
     evidence += divergence
+    return _conclude(evidence, divergence, div_groups, groups, n, alpha, steps, notes, tests)
+
+
+def _conclude(evidence: list[Evidence], divergence: list[Evidence], div_groups: list[list[int]] | None,
+              groups: list[list[int]] | None, n: int, alpha: float, steps: int, notes: list[str],
+              tests: list[Row]) -> Verdict:
+    """Status, suspects and span from the evidence that counts."""
     counted = [e for e in evidence if counts(e)]
     status = "diverged" if divergence else ("inconsistent" if counted else "consistent")
+    basis = divergence or counted
     if divergence:
-        ranks = sorted({r for e in divergence for r in _suspects(e, n)})
         groups = div_groups
-        since = min(e.since_step for e in divergence)
-    else:
-        ranks = sorted({r for e in counted for r in _suspects(e, n)})
-        since = min((e.since_step for e in counted if e.since_step is not None), default=None)
+    ranks = sorted({r for e in basis for r in _suspects(e, n)})
+    since = min((e.since_step for e in basis if e.since_step is not None), default=None)
+    ends = [e.effect.get("until_step") for e in basis]
+    until = max(ends) if basis and all(isinstance(t, int) for t in ends) else None
     if n == 2 and any(e.group == [[0], [1]] and e.kind == "persistent" for e in evidence):
         notes.append("2 ranks: a persistent difference is detectable but not attributable to either "
                      "rank without a control run")
-    return Verdict(status, ranks, groups, since, alpha, evidence, steps, n, notes, tests)
+    if any(e.effect.get("attributable") is False for e in counted):
+        notes.append("a metric differs between ranks, but closed testing names no rank at α")
+    return Verdict(status, ranks, groups, since, alpha, evidence, steps, n, notes, tests, until)
 
 
-def _sort_metrics(tables: dict[str, tuple[list[int], np.ndarray, np.ndarray]], n: int) -> tuple[
+def _sort_metrics(tables: dict[str, tuple[list[int], np.ndarray, np.ndarray]], n: int, intended: bool | None) -> tuple[
         dict[str, tuple[list[int], np.ndarray, bool]], list[Evidence], list[list[int]] | None, list[str]]:
     """Per metric, its steps where every rank is finite, in comparable form: replicated metrics
     (``replicas``) give their exact evidence; the others form the α family ``{metric: (steps, x,
@@ -199,7 +209,8 @@ def _sort_metrics(tables: dict[str, tuple[list[int], np.ndarray, np.ndarray]], n
         labels = replicas.structure(values[keep])
         if labels is not None:
             replicated.append(metric)
-            found, split_classes = replicas.replica_evidence(metric, kept_steps, values[keep], xs, log_scale, labels)
+            found, split_classes = replicas.replica_evidence(metric, kept_steps, values[keep], xs, log_scale, labels,
+                                                                      intended)
             evidence += found
             exact_groups = exact_groups or split_classes
         else:
@@ -207,17 +218,15 @@ def _sort_metrics(tables: dict[str, tuple[list[int], np.ndarray, np.ndarray]], n
     return family, evidence, exact_groups, replicated
 
 
-def _resolve_groups(split: GroupResult | None, split_p: float, multiplier: int,
-                    named: dict[str, tuple[list[int], list[float]]], n: int, deviations: np.ndarray,
-                    deviation_steps: list[int], pairwise: tuple[np.ndarray, np.ndarray, list[int]], seed: int,
-                    max_draws: int, alpha: float) -> tuple[list[list[int]] | None, list[Evidence]]:
-    """The statistical split, if it passed Holm — and, when the step-down named outliers that are not
+def _resolve_groups(split: GroupResult | None, split_p: float, multiplier: int, named: list[int], n: int,
+                    deviations: np.ndarray, deviation_steps: list[int], pairwise: tuple[np.ndarray, np.ndarray, list[int]],
+                    seed: int, max_draws: int, alpha: float) -> tuple[list[list[int]] | None, list[Evidence]]:
+    """The statistical split, if it passed Holm — and, when closed testing named ranks that are not
     one of its groups, again without them (``_split_without``)."""
     if split is None or split_p > alpha:
         return None, []
-    outliers = sorted({r for ranks_m, _ in named.values() for r in ranks_m})
-    if outliers and not any(set(outliers) == set(g) for g in split.groups):
-        split, split_p = _split_without(outliers, n, deviations, deviation_steps, pairwise, seed, max_draws,
+    if named and not any(set(named) == set(g) for g in split.groups):
+        split, split_p = _split_without(named, n, deviations, deviation_steps, pairwise, seed, max_draws,
                                         multiplier, split_p)
     if split is None or split_p > alpha:
         return None, []
@@ -244,51 +253,22 @@ def _rng(seed: int, test: int, stage: int) -> np.random.Generator:
 
 
 def _suspects(e: Evidence, n: int) -> list[int]:
-    """Ranks an evidence item points at: its rank; for a split the smaller group (both when equal)."""
+    """Ranks an evidence item points at: its rank; for a split the smaller group (both when equal);
+    none for a difference closed testing could not attribute."""
     if e.rank is not None:
         return [e.rank]
+    if e.effect.get("attributable") is False:
+        return []
     sizes = sorted({len(g) for g in e.group or []})
     if len(sizes) > 1:
         return [r for g in e.group for r in g if len(g) == sizes[0]]
     return [r for g in e.group or [] for r in g]
 
 
-def _effect(diff: np.ndarray, u: np.ndarray, steps: list[int], log_scale: bool, unit: str) -> dict[str, Any]:
-    start = ex.onset(u)
-    post = diff[start:]
-    mean = float(post.mean())
-    value = math.expm1(mean) if log_scale else mean
-    agree = int(np.sum(np.sign(post) == np.sign(mean))) if mean != 0 else 0
-    return {"value": round(value, 6), "unit": unit, "since_step": steps[start], "steps": agree, "of": int(post.size)}
-
-
-def _persistent_evidence(metric: str, steps: list[int], x: np.ndarray, u: np.ndarray, log_scale: bool,
-                         named: list[int], p_named: list[float], groups: list[list[int]] | None,
-                         n: int) -> list[Evidence]:
-    if not named:
-        return []
-    kind = "relative" if log_scale else "difference"
-    if n == 2 or (groups is not None and set(named) in ({*groups[0]}, {*groups[1]}, {*groups[0], *groups[1]})):
-        split = [[0], [1]] if n == 2 else groups
-        a, b = split
-        diff = x[:, a].mean(axis=1) - x[:, b].mean(axis=1)
-        unit = f"{kind} (mean of ranks {_ranks(a)} vs ranks {_ranks(b)})"
-        effect = _effect(diff, u[:, a].mean(axis=1) - u[:, b].mean(axis=1), steps, log_scale, unit)
-        return [Evidence(metric, "persistent", effect, min(p_named), group=split)]
-    out = []
-    healthy = [r for r in range(n) if r not in named]
-    for r, p in zip(named, p_named):
-        ref = healthy or [j for j in range(n) if j != r]
-        diff = x[:, r] - x[:, ref].mean(axis=1)
-        effect = _effect(diff, u[:, r], steps, log_scale, f"{kind} (rank mean vs other ranks)")
-        out.append(Evidence(metric, "persistent", effect, p, rank=r))
-    return out
-
-
 def _split_without(outliers: list[int], n: int, deviations: np.ndarray, steps: list[int],
                    pairwise: tuple[np.ndarray, np.ndarray, list[int]], seed: int, max_draws: int,
                    multiplier: int, p_before: float) -> tuple[GroupResult | None, float]:
-    """The group test again without the ranks the step-down named, so that one strong outlier (the
+    """The group test again without the ranks closed testing named, so that one strong outlier (the
     null is false, so the omnibus split test may reject) is not reported as a split. Reported
     p: the larger of the two (both tests must reject)."""
     keep = [r for r in range(n) if r not in outliers]
@@ -305,78 +285,28 @@ def _split_without(outliers: list[int], n: int, deviations: np.ndarray, steps: l
                        split.between, split.unit, split.since_step), p
 
 
-def _offset_groups(family: dict[str, tuple[list[int], np.ndarray, bool]],
-                   named: dict[str, tuple[list[int], list[float]]], n: int) -> list[list[int]] | None:
-    """A split from the step-down names: 2 … N−2 ranks named in a metric, all off the same way
-    (a data pipeline or node type of their own) — the first metric that has one."""
-    for metric, (ranks_m, _) in named.items():
-        if 2 <= len(ranks_m) <= n - 2:
-            x = family[metric][1]
-            rest = [r for r in range(n) if r not in ranks_m]
-            signs = {bool(np.mean(x[:, r] - x[:, rest].mean(axis=1)) > 0) for r in ranks_m}
-            if len(signs) == 1:
-                return sorted([sorted(ranks_m), rest], key=lambda g: g[0])
+def _offset_groups(family: dict[str, tuple[list[int], np.ndarray, bool]], significant: list[str], named: list[int],
+                   n: int) -> list[list[int]] | None:
+    """A split from closed testing's names: 2 … N−2 ranks named, all off the same way in a
+    significant metric (a data pipeline or node type of their own) — the first metric that has one."""
+    if not 2 <= len(named) <= n - 2:
+        return None
+    rest = [r for r in range(n) if r not in named]
+    for metric in significant:
+        x = family[metric][1]
+        signs = {bool(np.mean(x[:, r] - x[:, rest].mean(axis=1)) > 0) for r in named}
+        if len(signs) == 1:
+            return sorted([sorted(named), rest], key=lambda g: g[0])
     return None
 
 
-def _ranks(group: list[int]) -> str:
-    return ",".join(str(r) for r in group)
-
-
-def _transient_evidence(tables: dict[str, tuple[list[int], np.ndarray, np.ndarray]], metrics: list[str],
-                        named: dict[str, set[int]], threshold: float | None) -> list[Evidence]:
-    """The attribution rule's spikes, one item per (rank, metric) (``transient``: which count)."""
-    if threshold is None:
-        return []
-    return [Evidence(s.metric, "transient", {
-        "value": round(s.peak_z, 3), "unit": "robust z (peak; attribution rule)", "peak_step": s.peak_step,
-        "threshold": threshold, "confirmed": s.confirmed, "reference": round(s.reference, 3),
-        "since_step": s.first_step, "steps": s.steps, "of": s.of}, None, rank=s.rank)
-        for s in spikes(tables, metrics, named, threshold)]
-
-
-def _nonfinite_evidence(rows: Sequence[Row]) -> list[Evidence]:
-    """Ranks flagged non-finite at the first step any rank was (later ones follow from the all-reduce)."""
-    hits: dict[tuple[int, str], list[int]] = {}
-    for row in rows:
-        for flag in row.get("flags") or []:
-            kind, rank = flag.get("kind") if isinstance(flag, dict) else None, flag.get("rank") if isinstance(flag, dict) else None
-            if kind in ("nonfinite_loss", "nonfinite_grad") and isinstance(rank, int):
-                hits.setdefault((rank, "loss" if kind == "nonfinite_loss" else "grad_norm"), []).append(row["step"])
-    if not hits:
-        return []
-    first = min(s[0] for s in hits.values())
-    return [Evidence(metric, "nonfinite", {"value": len(s), "unit": "steps with a non-finite value",
-                                           "since_step": s[0]}, None, rank=rank)
-            for (rank, metric), s in sorted(hits.items()) if s[0] == first]
-
-
-def _divergence_evidence(rows: Sequence[Row], n: int) -> tuple[list[Evidence], list[list[int]] | None]:
-    checks = [r for r in rows if isinstance(r.get("weights_in_sync"), bool)]
-    bad = next((r for r in checks if not r["weights_in_sync"]), None)
-    if bad is None:
-        return [], None
-    sums = bad.get("weight_checksum") if isinstance(bad.get("weight_checksum"), list) else []
-    ranks, reference = diverging_ranks(sums)
-    last_ok = max((r["step"] for r in checks if r["weights_in_sync"] and r["step"] < bad["step"]), default=None)
-    classes: dict[Any, list[int]] = {}
-    for r, v in enumerate(sums):
-        classes.setdefault(v, []).append(r)
-    split = sorted(classes.values(), key=lambda g: g[0])
-    groups = split if len(split) >= 2 and (reference != "majority" or any(len(g) >= 2 for g in split[1:])) else None
-    effect = {"value": bad["step"], "unit": "first checked step with differing weight checksums",
-              "last_in_sync": last_ok, "since_step": bad["step"]}
-    if reference != "majority" or not ranks:
-        return [Evidence("weight_checksum", "divergence", effect, 0.0, group=split or [[r] for r in range(n)])], groups
-    return [Evidence("weight_checksum", "divergence", effect, 0.0, rank=r) for r in ranks], groups
-
-
-def verdict_record(rows: Sequence[Row], *, world_size: int | None = None, alpha: float = 0.01) -> Row:
+def verdict_record(rows: Sequence[Row], *, world_size: int | None = None, alpha: float = 0.01,
+                   replicas_intended: bool | None = None) -> Row:
     """``diagnose(rows).to_record()``, never raising: a verdict that cannot be computed says why
     (``status: "unknown"``) instead of costing the run its record."""
     try:
-        return diagnose(rows, alpha=alpha, world_size=world_size).to_record()
+        return diagnose(rows, alpha=alpha, world_size=world_size, replicas_intended=replicas_intended).to_record()
     except Exception as e:  # noqa: BLE001 - the record matters more than the judgement
-        return {"status": "unknown", "ranks": [], "groups": None, "since_step": None, "alpha": alpha,
-                "evidence": [], "steps": len(rows), "headline": f"no verdict: {type(e).__name__}: {e}",
+        return {"status": "unknown", "ranks": [], "groups": None, "since_step": None, "until_step": None,
+                "alpha": alpha, "evidence": [], "steps": len(rows), "headline": f"no verdict: {type(e).__name__}: {e}",
                 "notes": []}

@@ -28,6 +28,7 @@ class Stream:
     pairwise_every: int = 0  # N×N cosine matrix every k steps (0: none)
     offset: dict[int, float] = field(default_factory=dict)  # rank -> relative loss offset
     offset_from: int = 0
+    offset_to: int | None = None  # the offset ends here (exclusive; None: it lasts)
     norm_offset: dict[int, float] = field(default_factory=dict)  # rank -> relative grad-norm offset
     grad_groups: tuple[tuple[int, ...], ...] = ()  # ranks sharing a gradient component (pairwise_cos)
 
@@ -59,7 +60,7 @@ class Stream:
         loss, norm = np.exp(np.clip(log_loss, -300, 300)), np.exp(np.clip(log_norm, -300, 300))
         cos = np.clip(0.5 + 0.1 * shock[2] + 0.03 * e_cos, -1, 1)
         for r, rel in self.offset.items():
-            loss[self.offset_from:, r] *= 1 + rel
+            loss[self.offset_from:self.offset_to, r] *= 1 + rel
         for r, rel in self.norm_offset.items():
             norm[:, r] *= 1 + rel
         return loss, norm, cos

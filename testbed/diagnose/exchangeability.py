@@ -11,7 +11,7 @@ Statistic, per metric (loss and gradient norm as ``log x`` when all positive, so
 is a ratio; cosines linear)::
 
     dev(t, i) = x(t, i) − median_j x(t, j)
-    s(t)      = median over steps t−5 … t+5 of  sqrt(mean_j dev(t', j)²)      (pooled spread)
+    s(t)      = median over steps t−5 … t+5 of  c_N · median_j |dev(t', j)|   (pooled robust spread)
     u(t, i)   = clip(dev(t, i) / s(t), −3, 3),  then re-centred so that Σ_i u(t, i) = 0
     Z_i       = Σ_t u(t, i),     T = max_i |Z_i|
 
@@ -44,6 +44,8 @@ from typing import Callable
 
 import numpy as np
 
+from testbed.diagnose.betting import spread_factors
+
 CLIP = 3.0  # in units of the pooled spread (≈ σ for normal data)
 SPREAD_STEPS = 5  # steps on each side whose spreads are pooled
 MIN_EXCEED = 10  # Besag–Clifford: stop once this many draws reached the observed statistic
@@ -61,9 +63,10 @@ def standardize(x: np.ndarray, window: int = SPREAD_STEPS, clip: float = CLIP, r
     if x.size == 0:
         return np.zeros_like(x)
     dev = x - np.median(x, axis=1, keepdims=True)
-    spread = np.sqrt(np.mean(dev ** 2, axis=1))
-    pooled = windowed_median(spread, window)
-    scale = np.where(pooled > 0, pooled, spread)
+    spread = np.median(np.abs(dev), axis=1) * spread_factors(max(2, x.shape[1]))[0]  # robust: one rank far off
+    pooled = windowed_median(spread, window)  # does not inflate it, so it cannot shrink its own deviations
+    rms = np.sqrt(np.mean(dev ** 2, axis=1))
+    scale = np.where(pooled > 0, pooled, np.where(spread > 0, spread, rms))
     with np.errstate(divide="ignore", invalid="ignore"):
         u = np.where(scale[:, None] > 0, dev / scale[:, None], 0.0)
     u = np.clip(u, -clip, clip)

@@ -22,31 +22,49 @@ Row = dict[str, Any]
 
 def persistent_evidence(metric: str, steps: list[int], x: np.ndarray, u: np.ndarray, log_scale: bool,
                         p_metric: float, named: list[int], name_p: dict[int, float],
-                        groups: list[list[int]] | None, n: int, alpha: float) -> list[Evidence]:
-    """Evidence of one significant metric (Holm-adjusted ``p_metric``): two ranks → the pair; a
-    split → the groups; named ranks → each against the healthy reference (the ranks not named),
-    where its own deviation is significant (``naming.chernoff_p``); nobody named → the metric
-    differs between ranks, attributable to none (``effect.attributable`` false)."""
+                        groups: list[list[int]] | None, n: int) -> list[tuple[Evidence, float]]:
+    """Evidence of one significant metric (Holm-adjusted ``p_metric``), each item with the p-value of
+    its own deviation (0 where that does not apply): two ranks → the pair; a split → the groups;
+    named ranks → each against the healthy reference (the ranks not named; ``naming.chernoff_p``
+    tests its own deviation there); nobody named → the metric differs between ranks, attributable to
+    none (``effect.attributable`` false). ``select_rank_evidence`` keeps the items worth stating."""
     kind = "relative" if log_scale else "difference"
     if n == 2 or (groups is not None and (not named or set(named) in
                                            ({*groups[0]}, {*groups[1]}, {*groups[0], *groups[1]}))):
         a, b = [[0], [1]] if n == 2 else groups
         unit = f"{kind} (mean of ranks {_ranks(a)} vs ranks {_ranks(b)})"
-        return [Evidence(metric, "persistent", group_effect(x, u, steps, a, b, log_scale, unit), p_metric, group=[a, b])]
+        return [(Evidence(metric, "persistent", group_effect(x, u, steps, a, b, log_scale, unit), p_metric,
+                          group=[a, b]), 0.0)]
     healthy = [r for r in range(n) if r not in named]
     if not named or not healthy:
         leader = int(np.argmax(np.abs(u.sum(axis=0))))
         rest = [r for r in range(n) if r != leader]
         effect = rank_effect(x, u, steps, leader, rest, log_scale, f"{kind} (largest rank vs the others)")
         effect.update(attributable=False, leading_rank=leader)
-        return [Evidence(metric, "persistent", effect, p_metric, group=[[r] for r in range(n)])]
+        return [(Evidence(metric, "persistent", effect, p_metric, group=[[r] for r in range(n)]), 0.0)]
     out = []
     for r in named:
         p_own = chernoff_p(u, r, healthy)
-        if p_own > alpha:
-            continue
         effect = rank_effect(x, u, steps, r, healthy, log_scale, f"{kind} (rank vs the healthy ranks {_ranks(healthy)})")
-        out.append(Evidence(metric, "persistent", effect, max(p_metric, name_p.get(r, p_metric), p_own), rank=r))
+        out.append((Evidence(metric, "persistent", effect, max(p_metric, name_p.get(r, p_metric)), rank=r), p_own))
+    return out
+
+
+def select_rank_evidence(items: list[tuple[Evidence, float]], alpha: float) -> list[Evidence]:
+    """Every group item; per named rank, the metrics where its own deviation is significant (its
+    p-value then includes that test), or — when none is on its own (an effect that lasted a few
+    steps of a long run) — the metric where it is closest, with the rank's closed-testing p."""
+    out = [e for e, _ in items if e.rank is None]
+    by_rank: dict[int, list[tuple[Evidence, float]]] = {}
+    for e, p_own in items:
+        if e.rank is not None:
+            by_rank.setdefault(e.rank, []).append((e, p_own))
+    for rank_items in by_rank.values():
+        strong = [(e, p) for e, p in rank_items if p <= alpha]
+        if strong:
+            out += [Evidence(e.metric, e.kind, e.effect, max(e.p_value or 0.0, p), rank=e.rank) for e, p in strong]
+        else:
+            out.append(min(rank_items, key=lambda item: item[1])[0])
     return out
 
 

@@ -136,7 +136,9 @@ def group_effect(x: np.ndarray, u: np.ndarray, steps: list[int], a: list[int], b
 
 
 def _effect(diff: np.ndarray, standardized: np.ndarray, steps: list[int], log_scale: bool, unit: str) -> dict[str, Any]:
-    span = effect_span(standardized, steps)
+    """The span comes from the difference itself, not the clipped standardized one (clipping
+    flattens a strong effect to the level of chance excursions before it)."""
+    span = effect_span(diff, steps)
     start = steps.index(span["since_step"]) if span["since_step"] in steps else 0
     end = steps.index(span["until_step"]) if span.get("until_step") in steps else len(steps)
     inside = diff[start:end] if end > start else diff

@@ -37,7 +37,7 @@ def headline(v: "Verdict") -> str:
         return text + ("; also " + _subjects(rest, v) if rest else "")
     counted = [e for e in v.evidence if counts(e)]
     text = "INCONSISTENT — " + _subjects(counted, v)
-    if any("2 ranks" in n for n in v.notes):
+    if v.world_size == 2 and any(e.kind == "persistent" for e in counted):
         text += " — with 2 ranks the difference cannot be attributed to either without a control run"
     unconfirmed = len(v.evidence) - len(counted)
     if unconfirmed:

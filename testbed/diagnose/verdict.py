@@ -44,7 +44,8 @@ from testbed.diagnose.attribution import DEFAULT_THRESHOLD, LOG_METRICS, METRICS
 from testbed.diagnose import exchangeability as ex
 from testbed.diagnose import replicas
 from testbed.diagnose.evidence import Evidence, counts
-from testbed.diagnose.findings import divergence_evidence, nonfinite_evidence, persistent_evidence, transient_evidence
+from testbed.diagnose.findings import (divergence_evidence, nonfinite_evidence, persistent_evidence, select_rank_evidence,
+                                      transient_evidence)
 from testbed.diagnose.groups import GroupResult, deviation_features, group_test, pairwise_features
 from testbed.diagnose.naming import Names, name_ranks
 from testbed.diagnose.text import headline
@@ -148,10 +149,10 @@ def diagnose(rows: Sequence[Row], *, alpha: float = 0.01, world_size: int | None
         groups = exact_groups  # bit-identical classes: exact, they take precedence
     if groups is None:
         groups = _offset_groups(family, [m for m in family if adjusted[m] <= alpha], names.ranks, n) or names.split(n)
-    for metric, (kept_steps, x, log_scale) in family.items():
-        if adjusted[metric] <= alpha:
-            evidence += persistent_evidence(metric, kept_steps, x, standardized[metric], log_scale, adjusted[metric],
-                                            names.ranks, names.p_values, groups, n, alpha)
+    items = [item for metric, (kept_steps, x, log_scale) in family.items() if adjusted[metric] <= alpha
+             for item in persistent_evidence(metric, kept_steps, x, standardized[metric], log_scale, adjusted[metric],
+                                             names.ranks, names.p_values, groups, n)]
+    evidence += select_rank_evidence(items, alpha)
     if names.ranks:
         notes.append(f"named by closed testing over {names.sets} sets of ≥ {math.ceil(n / 2)} ranks "
                      "(a healthy rank is named with probability ≤ α while at least half the ranks are healthy)")

@@ -161,7 +161,7 @@ def test_loss_reader_without_num_items_takes_the_loss_as_is() -> None:
 
 def test_the_online_consistency_test_alarms_on_an_offset_rank_and_not_on_exchangeable_ones(one_rank: None) -> None:
     """The verdict's sequential test runs inside the monitor: rows where rank 3's loss sits 10 %
-    above the others raise one ``inconsistent`` alarm naming rank 3; exchangeable rows raise none."""
+    above the others raise ``inconsistent`` alarms naming rank 3 and no other; exchangeable rows raise none."""
     import numpy as np
 
     from testbed.diagnose.sequential import SequentialTest
@@ -188,5 +188,7 @@ def test_the_online_consistency_test_alarms_on_an_offset_rank_and_not_on_exchang
         if offset == 0:
             assert heard == []
         else:
-            assert [(e["kind"], e["ranks"], e["metric"]) for e in heard] == [("inconsistent", [3], "loss")]
+            # the alarm, then (closed testing needs more evidence) the alarm that names rank 3
+            assert {e["kind"] for e in heard} == {"inconsistent"} and heard[-1]["ranks"] == [3]
+            assert all(set(e["ranks"]) <= {3} and e["metric"] == "loss" for e in heard)
             assert heard[0]["step"] < 40 and heard[0]["e_value"] >= 100

@@ -177,7 +177,7 @@ def _conclude(evidence: list[Evidence], divergence: list[Evidence], div_groups: 
     if divergence:
         groups = div_groups
     ranks = sorted({r for e in basis for r in _suspects(e, n)})
-    since = min((e.since_step for e in basis if e.since_step is not None), default=None)
+    since = _since(basis)
     ends = [e.effect.get("until_step") for e in basis]
     until = max(ends) if basis and all(isinstance(t, int) for t in ends) else None
     if n == 2 and any(e.group == [[0], [1]] and e.kind == "persistent" for e in evidence):
@@ -186,6 +186,21 @@ def _conclude(evidence: list[Evidence], divergence: list[Evidence], div_groups: 
     if any(e.effect.get("attributable") is False for e in counted):
         notes.append("a metric differs between ranks, but closed testing names no rank at α")
     return Verdict(status, ranks, groups, since, alpha, evidence, steps, n, notes, tests, until)
+
+
+def _since(evidence: list[Evidence]) -> int | None:
+    """The first step the evidence holds from: per subject (a rank, a group), the onset of its most
+    precise item (the narrowest support interval: a strong metric's onset, not a weak one's), then
+    the earliest over subjects."""
+    best: dict[Any, tuple[int, int]] = {}
+    for e in evidence:
+        if e.since_step is None:
+            continue
+        lo, hi = e.effect.get("since_range") or (e.since_step, e.since_step)
+        key = e.rank if e.rank is not None else str(e.group)
+        if key not in best or hi - lo < best[key][0]:
+            best[key] = (hi - lo, e.since_step)
+    return min((since for _, since in best.values()), default=None)
 
 
 def _sort_metrics(tables: dict[str, tuple[list[int], np.ndarray, np.ndarray]], n: int, intended: bool | None) -> tuple[

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
-from testbed.diagnose.paired import compare_rows, paired_difference, spearman, trend_test
+from testbed.diagnose.paired import compare_rows, paired_difference, spearman, trend_line, trend_test
 from testbed.engine.control import compare_levels, control_of
 from testbed.record.files import METRICS_FILE
 from testbed.scenario.spec import load_scenario
@@ -94,3 +95,21 @@ def test_compare_levels_on_fake_records(tmp_path: Path) -> None:
     assert set(r["per_level"]) == {"1", "2", "3"}
     assert np.isclose(r["per_level"]["3"]["loss_cv"]["mean"], 0.03)
     assert np.isclose(r["trend"]["loss_cv"]["rho"], 1.0) and np.isclose(r["trend"]["loss_cv"]["p_increasing"], 1 / 24)
+
+
+def test_trend_is_tested_in_the_metrics_expected_direction() -> None:
+    """A falling cos_mean over 5 levels is the expected direction (ranks agree less): p = 1/120,
+    not "ρ = −1, p(rises) = 1"; a rising loss_cv likewise; a metric with no expected direction is
+    tested two-sided; an explicit direction wins."""
+    falling = [0.9, 0.8, 0.7, 0.6, 0.5]
+    t = trend_test(falling, metric="cos_mean")
+    assert (t["direction"], t["rho"], t["p_increasing"]) == ("decreasing", -1.0, 1.0)
+    assert np.isclose(t["p"], 1 / 120) and np.isclose(t["p_decreasing"], 1 / 120)
+    assert "p(falls) = 0.00833" in trend_line("cos_mean", t)
+    assert np.isclose(trend_test(falling[::-1], metric="loss_cv")["p"], 1 / 120)
+    assert trend_test(falling[::-1], metric="cos_mean")["p"] == 1.0  # a rising cosine is not the effect
+    other = trend_test(falling, metric="noise_scale")
+    assert other["direction"] == "two-sided" and np.isclose(other["p"], 2 / 120)
+    assert np.isclose(trend_test(falling, metric="loss_cv", direction="decreasing")["p"], 1 / 120)
+    with pytest.raises(ValueError, match="direction"):
+        trend_test(falling, direction="up")

@@ -10,9 +10,11 @@ difference d_t = perturbed_t − control_t removes it; what is left is the pertu
 - p-value: a sign-flip test of mean(d) = 0 (each step's difference flipped independently; exact
   when the differences are symmetric about 0 and independent across steps, approximate under
   serial correlation — the bootstrap CI is the number to read then).
-- Trend over sweep levels: Spearman's ρ between the level index and each level's mean dispersion,
-  with an exact permutation p-value (all orderings for ≤ 8 levels, Monte-Carlo beyond): "dispersion
-  rises with the desync level" becomes a one-sided test of ρ > 0.
+- Trend over sweep levels: Spearman's ρ between the level index and each level's mean, with an
+  exact permutation p-value (all orderings for ≤ 8 levels, Monte-Carlo beyond), tested in the
+  direction the metric is expected to move as ranks disagree more (``EXPECTED``): loss and
+  grad-norm dispersion rise (ρ > 0), cosines fall (ρ < 0); a metric without an expected direction
+  is tested two-sided. (Testing a falling ``cos_mean`` for a rise gave "ρ = −1.00, p(rises) = 1".)
 
 Pure numpy; the inputs are recorded rows (``metrics.jsonl``) or plain arrays.
 """
@@ -26,6 +28,11 @@ import numpy as np
 
 #: dispersion metrics compared (step rows' scalar fields; METRICS.md)
 DISPERSION = ("loss_cv", "grad_norm_cv", "cos_mean", "cos_min", "loss_std", "grad_norm_std")
+#: the direction each metric moves as the ranks disagree more (trend tests are one-sided that way)
+EXPECTED = {"loss_cv": "increasing", "grad_norm_cv": "increasing", "loss_std": "increasing",
+            "grad_norm_std": "increasing", "cos_mean": "decreasing", "cos_min": "decreasing",
+            "pairwise_cos_mean": "decreasing"}
+DIRECTIONS = ("increasing", "decreasing", "two-sided")
 METHOD = "moving-block bootstrap over steps (percentile), sign-flip p-value"
 
 
@@ -105,17 +112,24 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return float((rx * ry).sum() / denom) if denom > 0 else 0.0
 
 
-def trend_test(values: Sequence[float], *, draws: int = 20000, seed: int = 0) -> dict[str, Any]:
-    """Does ``values`` (one per level, in level order) rise with the level? Spearman ρ, permutation p.
+def trend_test(values: Sequence[float], *, metric: str | None = None, direction: str | None = None,
+               draws: int = 20000, seed: int = 0) -> dict[str, Any]:
+    """Does ``values`` (one per level, in level order) move with the level? Spearman ρ, permutation p.
 
-    ``p_increasing`` is one-sided (ρ as large or larger under a random order of the levels),
-    ``p_two_sided`` two-sided; exact enumeration for ≤ 8 levels. Fewer than 3 levels: p = None.
+    ``direction``: ``increasing`` / ``decreasing`` (one-sided) or ``two-sided``; by default the
+    ``metric``'s expected direction (``EXPECTED``), two-sided for a metric without one. ``p`` is the
+    p-value in that direction; ``p_increasing``, ``p_decreasing`` and ``p_two_sided`` are all given.
+    Exact enumeration for ≤ 8 levels. Fewer than 3 levels: the p-values are None.
     """
+    direction = direction or EXPECTED.get(metric or "", "two-sided")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     v = np.asarray(values, dtype=float)
     k = len(v)
     levels = np.arange(k, dtype=float)
     rho = spearman(levels, v) if k >= 2 else 0.0
-    out: dict[str, Any] = {"levels": k, "rho": rho, "p_increasing": None, "p_two_sided": None,
+    out: dict[str, Any] = {"levels": k, "rho": rho, "direction": direction, "p": None, "p_increasing": None,
+                           "p_decreasing": None, "p_two_sided": None,
                            "method": "Spearman rank correlation with the level index, permutation p-value"}
     if k < 3 or not np.all(np.isfinite(v)):
         return out
@@ -124,7 +138,7 @@ def trend_test(values: Sequence[float], *, draws: int = 20000, seed: int = 0) ->
     ry = ry - ry.mean()
     denom = math.sqrt(float((rx ** 2).sum() * (ry ** 2).sum()))
     if denom == 0:
-        out["p_increasing"] = out["p_two_sided"] = 1.0
+        out.update(p=1.0, p_increasing=1.0, p_decreasing=1.0, p_two_sided=1.0)
         return out
     if k <= 8:  # exact: every ordering of the levels' ranks
         orders = np.array(list(itertools.permutations(range(k))))
@@ -135,8 +149,17 @@ def trend_test(values: Sequence[float], *, draws: int = 20000, seed: int = 0) ->
         null, extra, total = ry[orders] @ rx / denom, 1, draws + 1
     eps = 1e-12
     out["p_increasing"] = float((np.sum(null >= rho - eps) + extra) / total)
+    out["p_decreasing"] = float((np.sum(null <= rho + eps) + extra) / total)
     out["p_two_sided"] = float((np.sum(np.abs(null) >= abs(rho) - eps) + extra) / total)
+    out["p"] = out[{"increasing": "p_increasing", "decreasing": "p_decreasing", "two-sided": "p_two_sided"}[direction]]
     return out
+
+
+def trend_line(metric: str, trend: Mapping[str, Any]) -> str:
+    """One line of a sweep's trend: ρ and the p-value in the direction tested."""
+    p = "-" if trend.get("p") is None else f"{trend['p']:.3g}"
+    word = {"increasing": "rises", "decreasing": "falls"}.get(trend.get("direction", ""), "changes")
+    return f"  {metric:<14} ρ = {trend['rho']:+.2f}  p({word}) = {p}  ({trend['levels']} levels)"
 
 
 def format_comparison(comparison: Mapping[str, Mapping[str, Any]], title: str = "vs control") -> str:

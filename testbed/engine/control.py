@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Sequence
 
-from testbed.diagnose.paired import DISPERSION, compare_rows, format_comparison, series, trend_test
+from testbed.diagnose.paired import DISPERSION, compare_rows, format_comparison, series, trend_line, trend_test
 from testbed.record.files import RUN_FILE, read_json, read_metrics, write_json_atomic
 from testbed.scenario.spec import Scenario
 
@@ -57,7 +57,7 @@ def compare_levels(out_dir: Path, run_dirs: Sequence[str], labels: Sequence[str]
     for metric in metrics:
         means = [sum(s.values()) / len(s) for r in rows if r and (s := series(r, metric))]
         if len(means) >= 2:
-            trend[metric] = trend_test(means) | {"means": means}
+            trend[metric] = trend_test(means, metric=metric) | {"means": means}
     return {"against": labels[0] if labels else None, "per_level": per_level, "trend": trend}
 
 
@@ -79,8 +79,7 @@ def format_sweep(result: dict[str, Any]) -> str:
     parts = [format_comparison(c, f"level {label} vs {result['against']}") for label, c in result["per_level"].items()]
     lines = ["trend over levels (Spearman ρ of the level index with the level's mean, permutation p):"]
     for metric, t in result["trend"].items():
-        p = "-" if t["p_increasing"] is None else f"{t['p_increasing']:.3g}"
-        lines.append(f"  {metric:<14} ρ = {t['rho']:+.2f}  p(rises) = {p}  ({t['levels']} levels)")
+        lines.append(trend_line(metric, t))
     return "\n".join(parts + lines)
 
 

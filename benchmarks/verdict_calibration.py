@@ -1,19 +1,21 @@
-"""Calibration and power of the verdict (``testbed.diagnose``) on simulated runs — the numbers in
-``docs/diagnosis.md``. Pure numpy, no processes.
+"""Calibration and power of the verdict and of the online test on simulated runs — the simulation
+numbers in ``docs/diagnosis.md``. Pure numpy, no processes.
 
-    python benchmarks/verdict_calibration.py              # everything (≈ 10 min on 2 busy cores)
-    python benchmarks/verdict_calibration.py --runs 200   # quicker, coarser
+    python benchmarks/verdict_calibration.py              # everything (≈ 15 min on 2 idle cores)
+    python benchmarks/verdict_calibration.py --runs 200 --seeds 10   # quicker, coarser
 
-1. False alarms of the α-controlled part (spike rule off) on healthy runs: 2..16 ranks, 5..200
-   steps, normal / Student-t(3) / Cauchy / spiky noise, drift of level and spread, shocks shared
-   by all ranks, with and without pairwise matrices (``tests/verdict_streams.py``).
-2. The same for the full verdict (spike rule on), by noise law.
-3. Power: one rank's loss offset; groups (offset halves, shared gradient component).
-4. The online test: false alarms over 1000-step streams; detection latency of an offset.
+1. False alarms of the verdict on healthy runs (``tests/verdict_streams.py``: 2..16 ranks, 5..200
+   steps, normal / Student-t(3) / Cauchy / spiky noise, drift, shared shocks, pairwise matrices):
+   the permutation family alone, and the full verdict (spike test on), by noise law.
+2. Offline power: one rank's loss offset; spikes (×3 in a quiet run, ×10, ×100, two ×50).
+3. Attribution: a healthy rank named, offline and online, with 1, 2 or half the ranks perturbed.
+4. Online: false alarms over 1000-step streams; steps from the onset to the alarm against the
+   floor ⌈ln(1/α)/ln N⌉, for effects of 0.5σ … 10σ (σ: one rank's own noise).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -22,9 +24,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from testbed.diagnose import SequentialTest, diagnose  # noqa: E402
-from testbed.diagnose.sequential import log_e_process, scores  # noqa: E402
+from testbed.diagnose import diagnose  # noqa: E402
+from testbed.diagnose.betting import closed_names, run  # noqa: E402
 from tests.verdict_streams import TAILS, Stream  # noqa: E402
+
+ALPHA = 0.01
+SIGMA = 0.02 * math.sqrt(0.98)  # one rank's log-loss noise in Stream(noise=0.02)
 
 
 def healthy(rng: np.random.Generator, steps: int | None = None) -> Stream:
@@ -37,68 +42,104 @@ def healthy(rng: np.random.Generator, steps: int | None = None) -> Stream:
     return Stream(n, length, tails=tails, noise=noise, drift=drift, shock=shock, pairwise_every=pairwise)
 
 
-def false_alarms(runs: int, spikes: bool) -> None:
+def arrays(stream: Stream, seeds: range) -> np.ndarray:
+    """``[T, B, K, N]``: comparable values of B simulated runs."""
+    out = []
+    for s in seeds:
+        loss, norm, cos = stream.arrays(s)
+        out.append(np.stack([np.log(loss), np.log(norm), cos], axis=1))
+    return np.stack(out, axis=1)
+
+
+def false_alarms(runs: int) -> None:
     rng = np.random.default_rng(12345)
-    rejected = {t: 0 for t in TAILS}
-    total = {t: 0 for t in TAILS}
-    min_p = []
+    counts = {t: [0, 0, 0] for t in TAILS}  # runs, permutation family, full verdict
     for _ in range(runs):
         stream = healthy(rng)
-        v = diagnose(stream.rows(int(rng.integers(1 << 31))), transient_threshold=8.0 if spikes else None)
-        total[stream.tails] += 1
-        rejected[stream.tails] += v.status != "consistent"
-        min_p.append(v.min_p)
-    p = np.array(min_p)
-    print(f"  inconsistent at α = 0.01, by noise law: " + ", ".join(f"{t} {rejected[t]}/{total[t]}" for t in TAILS))
-    print(f"  α-family (smallest Holm-adjusted p) ≤ 0.01: {(p <= 0.01).sum()}/{runs}, ≤ 0.05: "
-          f"{(p <= 0.05).sum()}/{runs}, ≤ 0.1: {(p <= 0.1).sum()}/{runs}")
+        rows = stream.rows(int(rng.integers(1 << 31)))
+        c = counts[stream.tails]
+        c[0] += 1
+        c[1] += diagnose(rows, transient_threshold=None).status != "consistent"
+        c[2] += diagnose(rows).status != "consistent"
+    print("   permutation family (spike test off): " + ", ".join(f"{t} {c[1]}/{c[0]}" for t, c in counts.items()))
+    print("   full verdict (spike test on):        " + ", ".join(f"{t} {c[2]}/{c[0]}" for t, c in counts.items()))
+
+
+def quiet(n: int, steps: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"step": t, "loss": (2.0 * np.exp(0.02 * rng.uniform(-1.7, 1.7, n))).tolist(),
+             "grad_norm": ((1 + 0.02 * t) * np.exp(0.05 * rng.uniform(-1.7, 1.7, n))).tolist(),
+             "cos_to_mean": (0.5 + 0.03 * rng.uniform(-1.7, 1.7, n)).tolist(), "flags": []} for t in range(steps)]
 
 
 def power(seeds: int) -> None:
-    print(f"one rank's loss +x %, 40 steps, ≈2 % rank-to-rank loss noise: inconsistent (rank named) of {seeds}")
+    print(f"   one rank's loss +x %, 40 steps, σ ≈ 2 %: inconsistent (exactly the right rank named) of {seeds}")
     for n in (2, 4, 8, 16):
         cells = []
-        for offset in (0.01, 0.02, 0.05, 0.10):
-            hit = named = 0
-            for seed in range(seeds):
-                v = diagnose(Stream(n, 40, offset={n - 1: offset}).rows(100 + seed))
-                hit += v.status == "inconsistent"
-                named += v.ranks == ([0, 1] if n == 2 else [n - 1])
-            cells.append(f"+{offset:.0%}: {hit} ({named})")
-        print(f"  N={n:2d}: " + ", ".join(cells))
-    print(f"groups reported exactly, of {seeds}: half the ranks +5 % loss | halves sharing a gradient component")
-    for n in (4, 8, 16):
-        half, other = list(range(n // 2)), list(range(n // 2, n))
-        a = sum(diagnose(Stream(n, 40, offset={r: 0.05 for r in half}).rows(200 + s)).groups == [half, other]
-                for s in range(seeds))
-        b = sum(diagnose(Stream(n, 40, pairwise_every=2, grad_groups=(tuple(half), tuple(other))).rows(300 + s)).groups
-                == [half, other] for s in range(seeds))
-        print(f"  N={n:2d}: {a} | {b}")
+        for offset in (0.02, 0.05, 0.10):
+            vs = [diagnose(Stream(n, 40, offset={n - 1: offset}).rows(100 + s)) for s in range(seeds)]
+            cells.append(f"+{offset:.0%}: {sum(v.status == 'inconsistent' for v in vs)} "
+                         f"({sum(v.ranks == ([0, 1] if n == 2 else [n - 1]) for v in vs)})")
+        print(f"   N={n:2d}: " + ", ".join(cells))
+    print(f"   spikes on 4 ranks, 40 steps: confirmed (right rank and step) of {seeds}")
+    cases = {"x3, quiet run": lambda s: _spiked(quiet(4, 40, s), [(12, 2, 3.0)]),
+             "x10": lambda s: _spiked(Stream(4, 40).rows(s), [(12, 2, 10.0)]),
+             "x100": lambda s: _spiked(Stream(4, 40).rows(s), [(12, 2, 100.0)]),
+             "two x50 (steps 10, 22; ranks 1, 2)": lambda s: _spiked(Stream(4, 40).rows(s), [(10, 1, 50.0), (22, 2, 50.0)])}
+    for label, make in cases.items():
+        hits = 0
+        for s in range(seeds):
+            rows, want = make(200 + s)
+            v = diagnose(rows)
+            found = {(e.rank, e.effect["peak_step"]) for e in v.evidence if e.kind == "transient" and e.effect["confirmed"]}
+            hits += found >= want
+        print(f"   {label}: {hits}/{seeds}")
+
+
+def _spiked(rows: list[dict], spikes: list[tuple[int, int, float]]) -> tuple[list[dict], set[tuple[int, int]]]:
+    for step, rank, factor in spikes:
+        rows[step]["grad_norm"][rank] *= factor
+    return rows, {(rank, step) for step, rank, _ in spikes}
+
+
+def attribution(seeds: int) -> None:
+    print(f"   runs naming a healthy rank (offline verdict | online test), of {seeds}; 60 steps, +5 % loss on the faulty ranks")
+    level = math.log(1 / ALPHA)
+    for n, faulty in ((4, [3]), (8, [7]), (8, [6, 7]), (8, [0, 1, 2, 3]), (5, [3, 4])):
+        stream = Stream(n, 60, offset={r: 0.05 for r in faulty})
+        off = sum(bool(set(diagnose(stream.rows(300 + s)).ranks) - set(faulty)) and
+                  len(diagnose(stream.rows(300 + s)).ranks) < n for s in range(seeds))
+        bets, _ = run(arrays(stream, range(300, 300 + seeds)))
+        on = sum(bool(set(closed_names(bets.members, bets.sup_log_e[b] >= level)) - set(faulty)) for b in range(seeds))
+        print(f"   {len(faulty)} of {n} faulty {faulty}: {off} | {on}")
 
 
 def online(runs: int, seeds: int) -> None:
     rng = np.random.default_rng(0)
     sup = []
-    for i in range(runs):
-        loss, norm, cos = healthy(rng, steps=1000).arrays(i)
-        sup.append(log_e_process([scores(np.log(loss)), scores(np.log(norm)), scores(cos)]).max())
-    sup_arr = np.array(sup)
-    print(f"  false alarms over 1000 steps, of {runs}: " +
-          ", ".join(f"α = {a}: {(sup_arr >= np.log(1 / a)).sum()}" for a in (0.01, 0.05, 0.1)))
-    print(f"  steps to the alarm (median [min, max] of {seeds}) for one rank's loss +x %, α = 0.01:")
+    while len(sup) < runs:
+        stream = healthy(rng, steps=1000)
+        _, trace = run(arrays(stream, range(len(sup), len(sup) + 10)), np.ones((1, stream.world_size), dtype=bool))
+        sup += trace[:, :, 0].max(axis=0).tolist()
+    sup_arr = np.array(sup[:runs])
+    print(f"   false alarms over 1000 steps, of {runs}: " +
+          ", ".join(f"α = {a}: {(sup_arr >= math.log(1 / a)).sum()}" for a in (0.01, 0.05, 0.1)))
+    onset, horizon = 20, 200
+    print(f"   steps from the onset (step {onset}) to the alarm, median [90th percentile] of {seeds} runs, "
+          f"for one rank's loss shifted by δσ (\"-\": under half alarm within {horizon} steps); α = {ALPHA}")
+    print("   N   floor  " + "  ".join(f"δ={d:<5g}" for d in (0.5, 1, 2, 3, 5, 10)))
     for n in (2, 4, 8, 16):
         cells = []
-        for offset in (0.02, 0.05, 0.10):
-            latency = []
-            for seed in range(seeds):
-                test = SequentialTest(n)
-                for row in Stream(n, 400, offset={n - 1: offset}).rows(400 + seed):
-                    if test.update(row) is not None:
-                        latency.append(row["step"])
-                        break
-            cells.append(f"+{offset:.0%}: {np.median(latency):g} [{min(latency)}, {max(latency)}]" if latency
-                         else f"+{offset:.0%}: none in 400")
-        print(f"  N={n:2d}: " + ", ".join(cells))
+        for delta in (0.5, 1, 2, 3, 5, 10):
+            stream = Stream(n, onset + horizon, drift=0.0, offset={n - 1: math.expm1(delta * SIGMA)}, offset_from=onset)
+            _, trace = run(arrays(stream, range(500, 500 + seeds)), np.ones((1, n), dtype=bool))
+            delays = [int(np.flatnonzero(trace[:, b, 0] >= math.log(1 / ALPHA))[0]) - onset + 1
+                      if (trace[:, b, 0] >= math.log(1 / ALPHA)).any() else math.inf for b in range(seeds)]
+            ordered = sorted(delays)
+            med, p90 = ordered[(len(ordered) - 1) // 2], ordered[math.ceil(0.9 * len(ordered)) - 1]
+            cells.append(f"{med:g} [{p90:g}]".replace("inf", f">{horizon}") if math.isfinite(med) else "-")
+        floor = math.ceil(math.log(1 / ALPHA) / math.log(n))
+        print(f"   {n:<3} {floor:<6} " + "  ".join(f"{c:<7}" for c in cells))
 
 
 def main() -> None:
@@ -107,14 +148,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=20, help="seeds per power cell")
     args = parser.parse_args()
     start = time.perf_counter()
-    print(f"1. α-controlled part, {args.runs} healthy runs")
-    false_alarms(args.runs, spikes=False)
-    print(f"2. full verdict (spike rule on), {args.runs * 2 // 5} healthy runs")
-    false_alarms(args.runs * 2 // 5, spikes=True)
-    print("3. power")
+    print(f"1. false alarms, {args.runs} healthy runs (α = {ALPHA})")
+    false_alarms(args.runs)
+    print("2. offline power")
     power(args.seeds)
+    print("3. attribution")
+    attribution(args.seeds)
     print("4. online test")
-    online(max(100, args.runs * 3 // 10), max(5, args.seeds // 2))
+    online(max(100, args.runs // 2), max(10, args.seeds))
     print(f"({time.perf_counter() - start:.0f} s)")
 
 

@@ -110,8 +110,8 @@ def cross_rank_z(values: np.ndarray, width: int = LOCAL_STEPS) -> np.ndarray:
         warnings.simplefilter("ignore", RuntimeWarning)
         center = np.nanmedian(values, axis=1, keepdims=True)
         loo = np.abs(values - leave_one_out_median(values))
-        spread = [MAD_TO_SIGMA * np.nanmedian(loo[max(0, t - width):t + width + 1]) for t in range(len(values))]
-    scale = np.maximum(np.nan_to_num(np.asarray(spread, dtype=float), nan=0.0)[:, None], _floor(np.nan_to_num(center)))
+        spread = MAD_TO_SIGMA * np.nanmedian(_windows(loo, width).reshape(len(values), -1), axis=1)
+    scale = np.maximum(np.nan_to_num(spread, nan=0.0)[:, None], _floor(np.nan_to_num(center)))
     return (values - center) / scale
 
 
@@ -123,17 +123,22 @@ def leave_one_out_median(values: np.ndarray) -> np.ndarray:
     return out
 
 
+def _windows(values: np.ndarray, width: int) -> np.ndarray:
+    """``[T, ..., 2·width+1]``: the values of steps t−width … t+width (NaN beyond the ends)."""
+    pad = [(width, width)] + [(0, 0)] * (values.ndim - 1)
+    return np.lib.stride_tricks.sliding_window_view(np.pad(values, pad, constant_values=np.nan), 2 * width + 1, axis=0)
+
+
 def pair_z(values: np.ndarray, width: int = PAIR_STEPS) -> np.ndarray:
     """N = 2: windowed z of the pair difference, shared out by each rank's own move (module doc)."""
     delta = values[:, 1] - values[:, 0]
-    z_delta = np.full(delta.shape, np.nan)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        for t in range(delta.size):
-            window = delta[max(0, t - width):t + width + 1]
-            center = np.nanmedian(window)
-            scale = max(MAD_TO_SIGMA * np.nanmedian(np.abs(window - center)), float(_floor(center)))
-            z_delta[t] = (delta[t] - center) / scale
+        window = _windows(delta, width)  # [T, 2w+1]
+        center = np.nanmedian(window, axis=1)
+        mad = np.nanmedian(np.abs(window - center[:, None]), axis=1)
+    scale = np.maximum(np.nan_to_num(MAD_TO_SIGMA * mad, nan=0.0), _floor(np.nan_to_num(center)))
+    z_delta = (delta - center) / scale
     moves = np.abs(own_history_moves(values))
     biggest = np.nanmax(moves, axis=1)
     with np.errstate(all="ignore"):
@@ -143,15 +148,11 @@ def pair_z(values: np.ndarray, width: int = PAIR_STEPS) -> np.ndarray:
 
 def own_history_moves(values: np.ndarray, width: int = NEIGHBOURS) -> np.ndarray:
     """``x_i(t) −`` the median of rank i's values at the ``width`` steps either side of t."""
-    t_count = values.shape[0]
-    out = np.zeros_like(values)
-    for t in range(t_count):
-        window = np.r_[max(0, t - width):t, t + 1:min(t_count, t + width + 1)]
-        if window.size:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                out[t] = values[t] - np.nanmedian(values[window], axis=0)
-    return np.nan_to_num(out, nan=0.0)
+    window = _windows(values, width)  # [T, N, 2w+1]
+    others = np.delete(window, width, axis=2)  # step t itself left out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nan_to_num(values - np.nanmedian(others, axis=2), nan=0.0)
 
 
 def rank_z(values: np.ndarray, nonfinite: np.ndarray) -> np.ndarray:

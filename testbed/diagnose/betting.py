@@ -190,29 +190,29 @@ class RankBets:
 
     def _log_factors(self, v: np.ndarray) -> np.ndarray:
         """``log e [B, S, N, E]`` of this step for every stream, set, rank and expert."""
-        lam = np.full((self.b, self.n), LAMBDA)
         c = self.extreme()[:, None]
         excess = BETA * np.maximum(0.0, np.sum(v ** 2, axis=1) - c)  # [B, N]
         extreme_before = np.maximum(np.sum(self.previous ** 2, axis=1), self._before) > c
         flat = np.broadcast_to(excess[:, None, :], (self.b, self.n, self.n))  # scores[b, r, j]
         big = np.max(np.abs(self.previous), axis=1, keepdims=True) >= GATE
-        thetas = (np.where(big, LOOKBACK_SCALE * self.previous, 0.0), self._recent.theta(), self.total.theta())
-        out = [np.zeros((self.b, self.members.shape[0], self.n)),  # hold: keeps E_A from wasting away
-               self._share_log(flat, lam), self._share_log(flat, lam * extreme_before)]
-        for theta in thetas:  # [B, K, N(r)]: one direction per rank
-            scores = np.einsum("bkr,bkj->brj", np.clip(theta, -THETA_MAX, THETA_MAX), v)
-            out.append(self._share_log(scores, lam))
-        return np.stack(out, axis=-1)
+        thetas = np.stack([np.where(big, LOOKBACK_SCALE * self.previous, 0.0), self._recent.theta(), self.total.theta()])
+        directional = np.einsum("ebkr,bkj->ebrj", np.clip(thetas, -THETA_MAX, THETA_MAX), v)  # one direction per rank
+        scores = np.concatenate([np.stack([flat, flat]), directional])  # [E − 1, B, N(r), N(j)]: all but "hold"
+        lam = np.full((scores.shape[0], self.b, self.n), LAMBDA)
+        lam[1] *= extreme_before  # "extreme again" bets only on a rank extreme just before
+        out = np.zeros((self.b, self.members.shape[0], self.n, len(EXPERTS)))  # "hold" stays 0
+        out[..., 1:] = np.moveaxis(self._share_log(scores, lam), 0, -1)
+        return out
 
     def _share_log(self, scores: np.ndarray, lam: np.ndarray) -> np.ndarray:
-        """``log(1 − λ + λ |A| softmax_A(scores[r])_r)`` ``[B, S, N(r)]``; ``scores[b, r, j]`` is
+        """``log(1 − λ + λ |A| softmax_A(scores[r])_r)`` ``[E, B, S, N(r)]``; ``scores[e, b, r, j]`` is
         rank r's score function applied to rank j (a span of < 2·3·3·6 + β·3·36: no underflow)."""
-        weights = np.exp(scores - scores.max(axis=2, keepdims=True))
-        own = np.diagonal(weights, axis1=1, axis2=2)[:, None, :]  # [B, 1, N]
-        denominator = np.einsum("sj,brj->bsr", self.members, weights)  # Σ_{j∈A} exp(s_r(V_j))
+        weights = np.exp(scores - scores.max(axis=3, keepdims=True))
+        own = np.diagonal(weights, axis1=2, axis2=3)[:, :, None, :]  # [E, B, 1, N]
+        denominator = np.einsum("sj,ebrj->ebsr", self.members, weights)  # Σ_{j∈A} exp(s_r(V_j))
         with np.errstate(all="ignore"):
             share = np.where(self.members, own / denominator, 0.0)
-            return np.where(self.members, np.log1p(lam[:, None, :] * (self.size[:, None] * share - 1.0)), 0.0)
+            return np.where(self.members, np.log1p(lam[:, :, None, :] * (self.size[:, None] * share - 1.0)), 0.0)
 
     def leading(self, stream: int = 0) -> tuple[int, int]:
         """(rank, metric) carrying the most evidence in the set of all ranks: the rank with the

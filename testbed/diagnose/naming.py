@@ -65,15 +65,26 @@ def name_ranks(family: dict[str, tuple[list[int], np.ndarray, bool]], n: int, al
     members = subsets(n)
     if all_ranks_p > alpha or n < 2:
         return Names([], {}, members.shape[0], [])
+    if members.shape[0] == 1:  # two ranks: the pair alone, judged by the permutation family
+        return Names(list(range(n)), {r: all_ranks_p for r in range(n)}, 1, [])
     steps = sorted({s for steps_m, _, _ in family.values() for s in steps_m})
     where = {s: i for i, s in enumerate(steps)}
     x = np.full((len(steps), len(family), n), np.nan)
     for k, (steps_m, values, _) in enumerate(family.values()):
         x[[where[s] for s in steps_m], k] = values
-    bets, _ = run(x, members)
-    e_p = np.minimum(1.0, np.exp(-bets.sup_log_e[0]))
-    sum_p = set_chernoff([standardize(values) for _, values, _ in family.values()], members)
-    local_p = np.minimum(1.0, 2 * np.minimum(e_p, sum_p))
+    us = [standardize(values) for _, values, _ in family.values()]
+    member_p = member_chernoff(us, members)  # [S, N]
+    local_p = np.minimum(1.0, 2 * member_p.min(axis=1) * members.sum(axis=1) * len(us))
+    # The e-process (the test is the min of both) is computed only where it can still name a rank:
+    # on the open sets of the ranks with the largest share of their sets already rejected. Leaving
+    # other sets unrejected can only name fewer ranks, never a healthy one.
+    rejected_share = np.array([np.mean(local_p[members[:, r]] <= alpha) for r in range(n)])
+    standout = rejected_share == rejected_share.max()
+    open_sets = np.flatnonzero((local_p > alpha) & members[:, standout].any(axis=1))
+    open_sets = open_sets[open_sets > 0]
+    if open_sets.size:
+        bets, _ = run(x, members[open_sets])
+        local_p[open_sets] = np.minimum(local_p[open_sets], np.minimum(1.0, 2 * np.exp(-bets.sup_log_e[0])))
     local_p[0] = all_ranks_p  # row 0: all ranks, judged by the permutation family
     named = closed_names(members, local_p <= alpha)
     kept = [set(np.flatnonzero(row)) for row in members[local_p > alpha]]
@@ -81,14 +92,14 @@ def name_ranks(family: dict[str, tuple[list[int], np.ndarray, bool]], n: int, al
     return Names(named, {r: float(local_p[members[:, r]].max()) for r in named}, members.shape[0], maximal)
 
 
-def set_chernoff(us: list[np.ndarray], members: np.ndarray) -> np.ndarray:
-    """``p [S]``: for every set A, a valid p-value of H_A from its members' summed deviations: per
-    metric ``u [T, N]`` and member r, the Chernoff bound of ``Σ_t (u_r − mean_A u)`` under per-step
-    relabelings within A, at the tilt θ = s / V (s the observed sum, V the summed per-step
-    variances within A: functions of the multisets, so the bound holds at that θ); then
-    ``|A| · K · min`` over members and metrics (Bonferroni)."""
+def member_chernoff(us: list[np.ndarray], members: np.ndarray) -> np.ndarray:
+    """``p [S, N]`` (1 for non-members): for every set A and member r, the smallest over metrics of a
+    valid p-value that r's summed deviations ``Σ_t (u_r − mean_A u)`` are those of a rank exchangeable
+    with A — the Chernoff bound under per-step relabelings within A, at the tilt θ = s / V (s the
+    observed sum, V the summed per-step variances within A: functions of the multisets, so the
+    bound holds at that θ), two-sided. A set's test is ``|A| · K · min`` over members and metrics."""
     sizes = members.sum(axis=1)
-    best = np.ones(members.shape[0])
+    best = np.ones(members.shape)
     for u in us:
         mean = (members @ u.T) / sizes[:, None]  # [S, T]
         var = (members @ (u ** 2).T) / sizes[:, None] - mean ** 2
@@ -102,8 +113,14 @@ def set_chernoff(us: list[np.ndarray], members: np.ndarray) -> np.ndarray:
             tilt = theta[:, None, None] * (u[None, :, :] - u[None, :, [r]])  # [S_r, T, N]
             mgf = np.sum(np.exp(tilt) * members[inside][:, None, :], axis=2) / sizes[inside][:, None]
             log_bound = np.sum(np.log(mgf), axis=1)  # log E[e^{θ(S* − s)}]: small when s is extreme
-            best[inside] = np.minimum(best[inside], 2.0 * np.exp(np.minimum(0.0, log_bound)))
-    return np.minimum(1.0, best * sizes * len(us))
+            best[inside, r] = np.minimum(best[inside, r], 2.0 * np.exp(np.minimum(0.0, log_bound)))
+    return np.minimum(1.0, best)
+
+
+def set_chernoff(us: list[np.ndarray], members: np.ndarray) -> np.ndarray:
+    """``p [S]``: every set's test from its members' summed deviations (``member_chernoff``;
+    Bonferroni over members and metrics)."""
+    return np.minimum(1.0, member_chernoff(us, members).min(axis=1) * members.sum(axis=1) * len(us))
 
 
 def chernoff_p(u: np.ndarray, rank: int, reference: list[int]) -> float:

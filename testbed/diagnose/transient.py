@@ -127,28 +127,53 @@ def z_tables(tables: dict[str, tuple[list[int], np.ndarray, np.ndarray]], metric
     return out
 
 
-def spikes(tables: dict[str, tuple[list[int], np.ndarray, np.ndarray]], metrics: Sequence[str],
-           named: dict[str, set[int]], threshold: float, level: float) -> tuple[list[Spike], float | None]:
-    """Spikes (|z| > ``threshold``) of ``metrics`` (``attribution.metric_table`` per metric), skipping
-    ranks ``named`` persistent in a metric; confirmed when their p ≤ ``level`` (module doc). Also
-    returns the test's p-value for the run (None: too few values to judge)."""
-    by_metric = z_tables(tables, metrics, named)
+@dataclass(frozen=True)
+class SpikeTest:
+    """The run's |z| per metric, and the tail test's p-value per candidate (the largest values)."""
+
+    by_metric: dict[str, tuple[list[int], np.ndarray, np.ndarray]]
+    keys: list[tuple[str, int, int]]  # (metric, step index, rank) of each value of y
+    y: np.ndarray
+    p: np.ndarray  # per candidate, largest first (``spike_p_values``)
+
+    @property
+    def run_p(self) -> float | None:
+        """The test's p-value for the run (None: too few values to judge)."""
+        return float(self.p[0]) if self.p.size else None
+
+    def spikes(self, threshold: float, level: float) -> list[Spike]:
+        """Spikes (|z| > ``threshold``), confirmed when their p ≤ ``level``."""
+        order = np.argsort(-self.y, kind="stable")[:self.p.size]
+        p_of = {self.keys[i]: float(self.p[c]) for c, i in enumerate(order)}
+        declared = int(np.sum(self.p <= level))
+        reference = float(np.sort(self.y)[::-1][declared]) if self.y.size > declared else 0.0
+        out = []
+        for metric, (steps, z, signed) in self.by_metric.items():
+            for r in range(z.shape[1]):
+                hit = np.flatnonzero(z[:, r] > threshold)
+                if not hit.size:
+                    continue
+                known = [p_of[(metric, t, r)] for t in hit if (metric, t, r) in p_of]
+                p_spike = min(known) if known else None
+                peak = hit[np.argmax(z[hit, r])]
+                out.append(Spike(r, metric, float(signed[peak, r]), steps[peak], steps[hit[0]], steps[hit[-1]],
+                                 int(hit.size), len(steps), p_spike is not None and p_spike <= level, p_spike, reference))
+        return out
+
+
+def spike_test(tables: dict[str, tuple[list[int], np.ndarray, np.ndarray]], metrics: Sequence[str],
+               named: dict[str, set[int]] | None = None) -> SpikeTest:
+    """The tail test on ``metrics`` (``attribution.metric_table`` per metric), leaving out ranks
+    ``named`` persistent in a metric (module doc)."""
+    by_metric = z_tables(tables, metrics, named or {})
     keys = [(metric, t, r) for metric, (_, z, _) in by_metric.items() for t in range(z.shape[0]) for r in range(z.shape[1])]
     y = np.concatenate([z.ravel() for _, z, _ in by_metric.values()]) if by_metric else np.zeros(0)
-    p = spike_p_values(tail_p_values(y))
-    order = np.argsort(-y, kind="stable")[:p.size]
-    p_of = {keys[i]: float(p[c]) for c, i in enumerate(order)}
-    declared = int(np.sum(p <= level))
-    reference = float(np.sort(y)[::-1][declared]) if y.size > declared else 0.0
-    out = []
-    for metric, (steps, z, signed) in by_metric.items():
-        for r in range(z.shape[1]):
-            hit = np.flatnonzero(z[:, r] > threshold)
-            if not hit.size:
-                continue
-            known = [p_of[(metric, t, r)] for t in hit if (metric, t, r) in p_of]
-            p_spike = min(known) if known else None
-            peak = hit[np.argmax(z[hit, r])]
-            out.append(Spike(r, metric, float(signed[peak, r]), steps[peak], steps[hit[0]], steps[hit[-1]],
-                             int(hit.size), len(steps), p_spike is not None and p_spike <= level, p_spike, reference))
-    return out, (float(p[0]) if p.size else None)
+    return SpikeTest(by_metric, keys, y, spike_p_values(tail_p_values(y)))
+
+
+def spikes(tables: dict[str, tuple[list[int], np.ndarray, np.ndarray]], metrics: Sequence[str],
+           named: dict[str, set[int]], threshold: float, level: float) -> tuple[list[Spike], float | None]:
+    """Spikes (|z| > ``threshold``) of ``metrics``, confirmed when their p ≤ ``level``, and the test's
+    p-value for the run (``spike_test``)."""
+    test = spike_test(tables, metrics, named)
+    return test.spikes(threshold, level), test.run_p

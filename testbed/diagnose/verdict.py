@@ -49,7 +49,7 @@ from testbed.diagnose.findings import (divergence_evidence, nonfinite_evidence, 
 from testbed.diagnose.groups import GroupResult, deviation_features, group_test, pairwise_features
 from testbed.diagnose.naming import Names, name_ranks
 from testbed.diagnose.text import headline
-from testbed.diagnose.transient import spikes
+from testbed.diagnose.transient import spike_test
 
 Row = dict[str, Any]
 MIN_DRAWS = 4999  # Monte-Carlo relabelings for a significant test: p resolution 1/5000
@@ -119,8 +119,8 @@ def diagnose(rows: Sequence[Row], *, alpha: float = 0.01, world_size: int | None
     deviation_steps = sorted({s for steps_m, _, _ in family.values() for s in steps_m})
     pairwise = pairwise_features(rows, n)
     group_possible = n >= 4 and (pairwise[0].shape[0] >= 3 or deviations.shape[0] >= 3)
-    spike_metrics = [m for m in METRICS if m in family]
-    spike_p = None if transient_threshold is None else spikes(tables, spike_metrics, {}, transient_threshold, -1.0)[1]
+    spike_run = None if transient_threshold is None else spike_test(tables, [m for m in METRICS if m in family])
+    spike_p = None if spike_run is None else spike_run.run_p
     max_draws = max(MIN_DRAWS, math.ceil(4 * (len(family) + int(group_possible) + 1) / alpha))
     raw_p: dict[str, float] = {}
     draws: dict[str, int] = {}
@@ -157,7 +157,7 @@ def diagnose(rows: Sequence[Row], *, alpha: float = 0.01, world_size: int | None
         notes.append(f"named by closed testing over {names.sets} sets of ≥ {math.ceil(n / 2)} ranks "
                      "(a healthy rank is named with probability ≤ α while at least half the ranks are healthy)")
     level = alpha / multiplier[SPIKES] if adjusted.get(SPIKES, 1.0) <= alpha else -1.0  # Holm's level for the spikes
-    found_spikes = [] if transient_threshold is None else spikes(tables, spike_metrics, {}, transient_threshold, level)[0]
+    found_spikes = [] if spike_run is None else spike_run.spikes(transient_threshold or 0.0, level)
     reported = [s for s in found_spikes if s.rank not in names.ranks]
     evidence += transient_evidence(reported, transient_threshold or 0.0, adjusted.get(SPIKES),
                                    multiplier.get(SPIKES, 1), alpha)

@@ -20,7 +20,7 @@ REPLICATE = {"kind": "replicate_batch", "ranks": "all"}
 STEPS = 50
 HEALTHY_SIZES = (2, 2, 3, 3, 4, 4, 5, 6, 8)  # drawn uniformly: every size 2–8 but 7, small ones more often
 SMALL_LM = {"kind": "transformer", "d_model": 32, "layers": 1, "heads": 2, "dropout": 0.1}
-SMALL_TEXT = {"kind": "alpaca_synthetic", "batch_size": 4, "size": 1024, "seq_len": 64}
+SMALL_TEXT = {"kind": "alpaca_synthetic", "batch_size": 4, "size": 1024, "seq_len": 128}
 
 
 @dataclass(frozen=True)

@@ -120,21 +120,9 @@ def diagnose(rows: Sequence[Row], *, alpha: float = 0.01, world_size: int | None
     pairwise = pairwise_features(rows, n)
     group_possible = n >= 4 and (pairwise[0].shape[0] >= 3 or deviations.shape[0] >= 3)
     spike_run = None if transient_threshold is None else spike_test(tables, [m for m in METRICS if m in family])
-    spike_p = None if spike_run is None else spike_run.run_p
     max_draws = max(MIN_DRAWS, math.ceil(4 * (len(family) + int(group_possible) + 1) / alpha))
-    raw_p: dict[str, float] = {}
-    draws: dict[str, int] = {}
-    for k, metric in enumerate(family):
-        result = ex.rank_sum_test(standardized[metric], rng=_rng(seed, k, 0), max_draws=max_draws)
-        raw_p[metric], draws[metric] = result.p_value, result.draws
-    split: GroupResult | None = None
-    if group_possible:
-        split = group_test(deviations=(deviations, deviation_steps), pairwise=pairwise, rng=_rng(seed, 99, 0),
-                           max_draws=max_draws)
-        if split is not None:
-            raw_p["groups"], draws["groups"] = split.p_value, split.draws
-    if spike_p is not None:
-        raw_p[SPIKES], draws[SPIKES] = spike_p, 0
+    raw_p, draws, split = _family_tests(standardized, (deviations, deviation_steps), pairwise, group_possible,
+                                        spike_run.run_p if spike_run else None, seed, max_draws)
     adjusted, multiplier = holm(raw_p)
     tests = [{"test": name, "p_raw": raw_p[name], "p_adjusted": adjusted[name], "draws": draws[name],
               "exact": name in family} for name in raw_p]
@@ -165,6 +153,25 @@ def diagnose(rows: Sequence[Row], *, alpha: float = 0.01, world_size: int | None
     divergence, div_groups = divergence_evidence(rows, n)
     evidence += divergence
     return _conclude(evidence, divergence, div_groups, groups, n, alpha, steps, notes, tests)
+
+
+def _family_tests(standardized: dict[str, np.ndarray], deviations: tuple[np.ndarray, list[int]],
+                  pairwise: tuple[np.ndarray, np.ndarray, list[int]], group_possible: bool, spike_p: float | None,
+                  seed: int, max_draws: int) -> tuple[dict[str, float], dict[str, int], GroupResult | None]:
+    """The α family's raw p-values (and relabelings drawn): one permutation test per metric, the
+    group split, the spike test."""
+    raw_p: dict[str, float] = {}
+    draws: dict[str, int] = {}
+    for k, (metric, u) in enumerate(standardized.items()):
+        result = ex.rank_sum_test(u, rng=_rng(seed, k, 0), max_draws=max_draws)
+        raw_p[metric], draws[metric] = result.p_value, result.draws
+    split = group_test(deviations=deviations, pairwise=pairwise, rng=_rng(seed, 99, 0), max_draws=max_draws) \
+        if group_possible else None
+    if split is not None:
+        raw_p["groups"], draws["groups"] = split.p_value, split.draws
+    if spike_p is not None:
+        raw_p[SPIKES], draws[SPIKES] = spike_p, 0
+    return raw_p, draws, split
 
 
 def _conclude(evidence: list[Evidence], divergence: list[Evidence], div_groups: list[list[int]] | None,

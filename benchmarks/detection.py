@@ -54,8 +54,10 @@ def judge(rows: list[dict[str, Any]], run: Run, every: int) -> dict[str, Any]:
     statistical = [a for a in test.alarms if a.kind in ("persistent", "transient")] or test.alarms
     first_named = next((a.step for a in test.alarms if a.ranks), None)
     expected = None if run.expected is None else sorted(run.expected) if run.world_size > 2 else [0, 1]
+    split = v.groups is not None and expected is not None and expected in v.groups  # a split: that side is right
     return {"status": v.status, "ranks": v.ranks, "groups": v.groups, "since_step": v.since_step,
-            "until_step": v.until_step, "right": expected is not None and v.ranks == expected,
+            "until_step": v.until_step, "right": expected is not None and (v.ranks == expected or split),
+            "named": sorted({e.rank for e in v.evidence if e.rank is not None}),
             "offline_step": offline, "online_alarm": statistical[0].step if statistical else None,
             "online_first_named": first_named, "online_named": sorted({r for a in test.alarms for r in a.ranks}),
             "headline": v.headline()}

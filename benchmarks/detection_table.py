@@ -69,7 +69,7 @@ def healthy_table(results: list[dict[str, Any]]) -> list[str]:
     failed = sum(1 for r in results if r.get("healthy") and not r.get("ok"))
     offline = sum(r["status"] != "consistent" for r in runs)
     online = sum(r["online_alarm"] is not None for r in runs)
-    named = sum(bool(r["ranks"]) or bool(r["online_named"]) for r in runs)
+    named = sum(bool(r.get("named", r["ranks"])) or bool(r["online_named"]) for r in runs)
     lines = ["| healthy runs | offline verdict not consistent | online alarm | a rank named (either) |",
              "|---|---|---|---|",
              f"| {len(runs)} | {_rate(offline, len(runs))} | {_rate(online, len(runs))} | {_rate(named, len(runs))} |", ""]
@@ -91,14 +91,16 @@ def grid_table(results: list[dict[str, Any]]) -> list[str]:
     for r in results:
         if not r.get("healthy") and r.get("ok"):
             cells[r["cell"]].append(r)
-    lines = ["| cell | N | runs | detected (offline) | right ranks | a healthy rank named | median step detected "
+    lines = ["right ranks: the verdict's suspects are the perturbed ranks (both for N = 2), or its split has them as "
+             "one side; a healthy rank named: by a rank's own evidence offline, or by an online alarm.", "",
+             "| cell | N | runs | detected (offline) | right ranks | a healthy rank named | median step detected "
              "offline | online alarm: median steps after onset (floor) | online: median steps to name | alarm before onset |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for cell, rs in sorted(cells.items(), key=lambda kv: (kv[1][0]["world_size"], kv[0])):
         n = rs[0]["world_size"]
         detected = [r for r in rs if r["status"] != "consistent"]
         right = sum(bool(r["right"]) for r in detected)
-        wrong = sum(bool(set(r["ranks"]) - set(r["expected"]) or set(r["online_named"]) - set(r["expected"]))
+        wrong = sum(bool(set(r.get("named", r["ranks"])) - set(r["expected"]) or set(r["online_named"]) - set(r["expected"]))
                     for r in rs if n > 2)
         delay = [r["online_alarm"] - r["onset"] + 1 for r in rs if r["online_alarm"] is not None and r["online_alarm"] >= r["onset"]]
         name_delay = [r["online_first_named"] - r["onset"] + 1 for r in rs if r["online_first_named"] is not None]

@@ -33,19 +33,19 @@ def persistent_evidence(metric: str, steps: list[int], x: np.ndarray, u: np.ndar
                                            ({*groups[0]}, {*groups[1]}, {*groups[0], *groups[1]}))):
         a, b = [[0], [1]] if n == 2 else groups
         unit = f"{kind} (mean of ranks {_ranks(a)} vs ranks {_ranks(b)})"
-        return [(Evidence(metric, "persistent", group_effect(x, u, steps, a, b, log_scale, unit), p_metric,
+        return [(Evidence(metric, "persistent", group_effect(x, steps, a, b, log_scale, unit), p_metric,
                           group=[a, b]), 0.0)]
     healthy = [r for r in range(n) if r not in named]
     if not named or not healthy:
         leader = int(np.argmax(np.abs(u.sum(axis=0))))
         rest = [r for r in range(n) if r != leader]
-        effect = rank_effect(x, u, steps, leader, rest, log_scale, f"{kind} (largest rank vs the others)")
+        effect = rank_effect(x, steps, leader, rest, log_scale, f"{kind} (largest rank vs the others)")
         effect.update(attributable=False, leading_rank=leader)
         return [(Evidence(metric, "persistent", effect, p_metric, group=[[r] for r in range(n)]), 0.0)]
     out = []
     for r in named:
         p_own = chernoff_p(u, r, healthy)
-        effect = rank_effect(x, u, steps, r, healthy, log_scale, f"{kind} (rank vs the healthy ranks {_ranks(healthy)})")
+        effect = rank_effect(x, steps, r, healthy, log_scale, f"{kind} (rank vs the healthy ranks {_ranks(healthy)})")
         out.append((Evidence(metric, "persistent", effect, max(p_metric, name_p.get(r, p_metric)), rank=r), p_own))
     return out
 

@@ -138,23 +138,21 @@ def chernoff_p(u: np.ndarray, rank: int, reference: list[int]) -> float:
     return float(min(1.0, 2.0 * math.exp(min(0.0, float(log_mgf.min())))))
 
 
-def rank_effect(x: np.ndarray, u: np.ndarray, steps: list[int], rank: int, reference: list[int],
-                log_scale: bool, unit: str) -> dict[str, Any]:
+def rank_effect(x: np.ndarray, steps: list[int], rank: int, reference: list[int], log_scale: bool,
+                unit: str) -> dict[str, Any]:
     """The effect of ``rank`` against ``reference`` over the segment where it holds: its mean
     difference (a ratio − 1 in log space), how many steps agree in sign, and the span."""
-    diff = x[:, rank] - x[:, reference].mean(axis=1)
-    return _effect(diff, u[:, rank] - u[:, reference].mean(axis=1), steps, log_scale, unit)
+    return _effect(x[:, rank] - x[:, reference].mean(axis=1), steps, log_scale, unit)
 
 
-def group_effect(x: np.ndarray, u: np.ndarray, steps: list[int], a: list[int], b: list[int], log_scale: bool,
-                 unit: str) -> dict[str, Any]:
-    diff = x[:, a].mean(axis=1) - x[:, b].mean(axis=1)
-    return _effect(diff, u[:, a].mean(axis=1) - u[:, b].mean(axis=1), steps, log_scale, unit)
+def group_effect(x: np.ndarray, steps: list[int], a: list[int], b: list[int], log_scale: bool, unit: str) -> dict[str, Any]:
+    return _effect(x[:, a].mean(axis=1) - x[:, b].mean(axis=1), steps, log_scale, unit)
 
 
-def _effect(diff: np.ndarray, standardized: np.ndarray, steps: list[int], log_scale: bool, unit: str) -> dict[str, Any]:
-    """The span comes from the difference itself, not the clipped standardized one (clipping
-    flattens a strong effect to the level of chance excursions before it)."""
+def _effect(diff: np.ndarray, steps: list[int], log_scale: bool, unit: str) -> dict[str, Any]:
+    """The span comes from the difference itself (change points on the comparable values: a
+    clipped, standardized series would flatten a strong effect to the level of the chance
+    excursions before it)."""
     span = effect_span(diff, steps)
     start = steps.index(span["since_step"]) if span["since_step"] in steps else 0
     end = steps.index(span["until_step"]) if span.get("until_step") in steps else len(steps)

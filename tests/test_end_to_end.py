@@ -102,7 +102,6 @@ def test_cli_four_rank_replicated_batch_is_exactly_zero(tmp_path: Path) -> None:
 def test_cli_list_shows_the_catalog(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["list", str(REPO / "scenarios")]) == 0
     listing = capsys.readouterr().out
-    for name in ("control.toml", "control_4rank.toml", "replicate_batch.toml", "shuffle_desync_1.toml",
-                 "seed_desync_1.toml"):
-        line = next(line for line in listing.splitlines() if line.startswith(name))
+    for name in ("control", "control_4rank", "replicate_batch", "shuffle_desync_1", "seed_desync_1", "faults/crash"):
+        line = next(line for line in listing.splitlines() if line.split()[0] == name)
         assert "INVALID" not in line and len(line.split()) > 3, line

@@ -16,6 +16,7 @@ from testbed.record.files import EVENTS_FILE, RUN_FILE, RunDirError, default_run
 from testbed.record.rundir import claim_run_dir
 from testbed.diagnose.verdict import verdict_record
 from testbed.engine.progress import watch_run
+from testbed.scenario import catalog
 from testbed.scenario.spec import load_scenario
 
 #: the embedded default scenario (``testbed run`` with no argument)
@@ -25,7 +26,7 @@ DEFAULT_SCENARIO = Path(__file__).resolve().parent.parent / "scenario" / "defaul
 def cmd_run(args: argparse.Namespace) -> int:
     from testbed.engine.runner import launch
 
-    scenario_path = args.scenario or DEFAULT_SCENARIO
+    scenario_path = catalog.resolve(args.scenario) if args.scenario else DEFAULT_SCENARIO
     scenario = load_scenario(scenario_path, overrides_of(args))
     if getattr(args, "dry_run", False):
         return launch_plan.print_plan(scenario, scenario_path, args)
@@ -105,8 +106,9 @@ def _ended_early(out_dir: Path, fallback: str) -> None:
 
 def add_subcommand(subparsers: Any) -> None:
     run = subparsers.add_parser("run", help="run one scenario as a real multi-process DP job")
-    run.add_argument("scenario", type=Path, nargs="?", default=None,
-                     help="scenario file (default: the embedded default scenario)")
+    run.add_argument("scenario", nargs="?", default=None,
+                     help="scenario file, or a catalog name such as control or faults/crash (`testbed list`); "
+                     "default: the embedded default scenario")
     run.add_argument("--out", help="run directory (default: runs/<name>-<timestamp>)")
     run.add_argument("--overwrite", action="store_true",
                      help="re-use a run directory that holds an earlier run (its record is deleted)")

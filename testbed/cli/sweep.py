@@ -12,13 +12,14 @@ from testbed.cli.common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_override_a
 from testbed.engine.control import sweep_comparison
 from testbed.engine.sweep import results_table, run_sweep
 from testbed.record.files import RunDirError
+from testbed.scenario import catalog
 from testbed.scenario.sweep import SWEEP_FILE, select_levels
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
-        out_dir, levels, status = run_sweep(args.scenario, Path(args.out) if args.out else None,
+        out_dir, levels, status = run_sweep(catalog.resolve(args.scenario), Path(args.out) if args.out else None,
                                             overrides_of(args), args.levels, every_s=args.progress_every,
                                             progress=not args.no_progress)
     except RunDirError as e:  # --out unusable, or another sweep is running there
@@ -35,7 +36,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def add_subcommand(subparsers: Any) -> None:
     p = subparsers.add_parser("sweep", help="run a scenario at every level of its [sweep] (a desync ladder)")
-    p.add_argument("scenario", type=Path, help="scenario file with a [sweep] table")
+    p.add_argument("scenario", help="scenario file with a [sweep] table, or its catalog name (e.g. seed_ladder)")
     p.add_argument("--out", help="sweep directory (default: runs/<name>-sweep-<timestamp>); reuse it to resume")
     p.add_argument("--levels", nargs="+", metavar="LEVEL", help="run only these levels (indices or labels)")
     add_override_arguments(p, "override a field of every level")

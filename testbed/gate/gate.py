@@ -22,6 +22,7 @@ from testbed.gate.checks import Finding, RunData, evaluate, series, statistic, s
 from testbed.scenario.expect import Expectations, expectations_of
 from testbed.gate.outcome import Failure, Outcome
 from testbed.gate.expect_sweep import evaluate_sweep, load_sweep
+from testbed.scenario import catalog
 from testbed.scenario.spec import Scenario, load_scenario
 
 DEFAULT_SCENARIO_DIR = Path("scenarios")
@@ -32,11 +33,12 @@ def slug(name: str) -> str:
 
 
 def scenario_paths(items: Sequence[str | Path]) -> list[Path]:
-    """Files as given; directories expand to their ``*.toml`` files (sorted)."""
+    """Files as given (or catalog names, ``testbed.scenario.catalog``); directories expand to their
+    ``*.toml`` files (sorted)."""
     out: list[Path] = []
     for item in items or [DEFAULT_SCENARIO_DIR]:
         p = Path(item)
-        found = sorted(f for f in p.rglob("*.toml") if f.is_file()) if p.is_dir() else [p]
+        found = sorted(f for f in p.rglob("*.toml") if f.is_file()) if p.is_dir() else [catalog.resolve(p)]
         out += [f for f in found if f.resolve() not in {o.resolve() for o in out}]
     return out
 

@@ -75,8 +75,10 @@ def finish_record(out_dir: Path, run: dict[str, Any], result: Any) -> None:
         "nonfinite": {"count": len(bad), "first": bad[0] if bad else None},
         "steps_kept": len(_rows(out_dir / METRICS_FILE)),
         "torn_bytes_removed": torn,
-        # over the completed steps, also of a failed run (docs/diagnosis.md)
-        "verdict": verdict_record(_rows(out_dir / METRICS_FILE), world_size=run.get("scenario", {}).get("world_size")),
+        # over the completed steps, also of a failed run (docs/diagnosis.md); a monitored loop's
+        # record has no scenario, its world size is top-level
+        "verdict": verdict_record(_rows(out_dir / METRICS_FILE),
+                                  world_size=run.get("world_size") or run.get("scenario", {}).get("world_size")),
     })
     _write_final(out_dir / RUN_FILE, run)
 

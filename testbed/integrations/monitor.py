@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from testbed.engine import fsdp, teardown
 from testbed.engine.alarms import BuiltinAlarms
-from testbed.engine.checkin import CheckIn, default_store
+from testbed.engine.checkin import CheckIn, CheckInError, default_store
 from testbed.engine.hook import ConsistencyState, install
 from testbed.engine.sinks import ListenerSink
 from testbed.engine.step_path import StepPath
@@ -122,9 +122,9 @@ class Monitor:
         cannot go on together."""
         self._check_open()
         step = self.step_index
-        self.step_index += 1
         local_loss = self._local_loss(loss)
         row = self.path.end(step, local_loss, lr=self._lr, extra=extra)
+        self.step_index += 1  # after the step completed: a failure inside it is "at step <step>"
         if row is not None and self.keep_rows:
             self.rows.append(row)
         return row
@@ -167,10 +167,16 @@ class Monitor:
         a framework's exception hook)."""
         text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        if isinstance(exc, KeyboardInterrupt):
-            text = f"interrupted ({text})"
-        self._end(Ending(K.FAILED, f"rank {self.rank} failed at step {self.step_index}: {text}",
-                         failed_rank=self.rank, failed_step=self.step_index, traceback=tb), error=text)
+        step = self.step_index
+        if isinstance(exc, CheckInError):  # the ranks it names are the cause, not this one
+            culprit = exc.ranks[0] if len(exc.ranks) == 1 else None
+            ending = Ending(K.FAILED, f"{str(exc).removeprefix('testbed monitor: ')} (seen by rank {self.rank} at "
+                            f"step {step})", failed_rank=culprit, failed_step=step, traceback=tb)
+        else:
+            what = f"interrupted ({text})" if isinstance(exc, KeyboardInterrupt) else text
+            ending = Ending(K.FAILED, f"rank {self.rank} failed at step {step}: {what}", failed_rank=self.rank,
+                            failed_step=step, traceback=tb)
+        self._end(ending, error=text)
 
     def _end(self, ending: Ending, error: str | None = None) -> None:
         if self._closed:

@@ -38,7 +38,7 @@ from testbed.schema import run as K
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_NAME", "MASTER_ADDR",
                "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS",
                "SLURM_JOB_ID", "SLURM_PROCID", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
-SECONDARY = ("RankEnded", "Connection closed by peer", "Connection reset", "Broken pipe", "stopped by SIG",
+SECONDARY = ("while rank", "Connection closed by peer", "Connection reset", "Broken pipe", "stopped by SIG",
              "NCCL communicator was aborted", "recvBytes", "Socket Timeout")
 
 

@@ -192,7 +192,7 @@ class CheckIn:
                 missing = [r for r, k in zip(who or range(len(keys)), keys) if not self.store.check([k])]
                 waiting = [r for r in range(self.world_size) if r not in missing]
                 raise MissingRanks(f"testbed monitor: rank(s) {missing} did not reach {what} within "
-                                   f"{now - started:.0f} s while rank(s) {waiting} did: call monitor.step on every "
+                                   f"{now - started:.1f} s while rank(s) {waiting} did: call monitor.step on every "
                                    "rank, every step (a rank that is only slower - a checkpoint saved on one rank - "
                                    "needs attach(step_timeout_s=...))", missing)
             time.sleep(pause)

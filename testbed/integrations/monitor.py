@@ -77,7 +77,8 @@ class Monitor:
         self.state, self.cadence, self.alpha = state, cadence, alpha
         self.device = next(model.parameters()).device
         self.rank, self.world_size = dist.get_rank(state.process_group), state.world_size
-        self.out_dir = Path(out_dir) if out_dir is not None else None
+        # absolute now: a script that changes directory later still finalizes this record, not another
+        self.out_dir = Path(out_dir).absolute() if out_dir is not None else None
         self.keep_rows, self.rows = keep_rows, []  # type: list[Row]
         self.on_row: list[Listener] = []  # called with every row, on every rank
         self.on_alarm: list[Callable[[Event], None]] = []  # called with every alarm event, on every rank

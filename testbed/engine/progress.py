@@ -33,6 +33,7 @@ from typing import Any, Iterator, TextIO
 from tqdm import tqdm
 
 from testbed.record.files import METRICS_FILE, TIMING_FILE
+from testbed.schema import row as R
 
 RECENT_STEPS = 20  # s/step is the mean of the last this-many steps
 UNKNOWN_WIDTH = 100  # columns assumed for a terminal that reports none (and no $COLUMNS)
@@ -101,14 +102,14 @@ class RunTail:
     def poll(self) -> Snapshot:
         s = self.snapshot
         for t in self.timing.read():
-            s.steps_done = max(s.steps_done, int(t.get("step", -1)) + 1)
+            s.steps_done = max(s.steps_done, int(t.get(R.STEP, -1)) + 1)
             if isinstance(t.get("seconds"), (int, float)):
                 s.recent.append(float(t["seconds"]))
         for row in self.metrics.read():
-            s.global_loss = row.get("global_loss", s.global_loss)
-            s.cos_min = row.get("cos_min", s.cos_min)
-            if isinstance(row.get("weights_in_sync"), bool):
-                s.weights_in_sync = row["weights_in_sync"]
+            s.global_loss = row.get(R.GLOBAL_LOSS, s.global_loss)
+            s.cos_min = row.get(R.COS_MIN, s.cos_min)
+            if isinstance(row.get(R.WEIGHTS_IN_SYNC), bool):
+                s.weights_in_sync = row[R.WEIGHTS_IN_SYNC]
         return s
 
 

@@ -31,6 +31,7 @@ from testbed.engine.step_path import NonFiniteStop, StepPath
 from testbed.perturb.perturbations import StepPlan, derive_seed
 from testbed.record.files import TIMING_FILE, JsonlWriter, write_json_atomic
 from testbed.schema.row import Row
+from testbed.schema import row as R
 from testbed.scenario.tables import DATASETS, MODELS, OPTIMIZERS, PERTURBATIONS
 from testbed.scenario.spec import Scenario
 
@@ -207,7 +208,7 @@ def train(scenario: Scenario, ctx: RankContext) -> None:
             t0 = time.perf_counter()
             train_step(job, step)
             if job.timing_out is not None:
-                job.timing_out.write({"step": step, "seconds": time.perf_counter() - t0})
+                job.timing_out.write({R.STEP: step, "seconds": time.perf_counter() - t0})
         if scenario.metrics.save_weights:
             path = ctx.out_dir / "ranks" / f"rank{ctx.rank}.final.pt"
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,7 @@ from testbed.integrations.run_record import Ending, MonitorRecord, rank_environm
 from testbed.scenario import cadence as cadence_rule
 from testbed.scenario.cadence import Cadence
 from testbed.schema import run as K
+from testbed.schema import row as R
 from testbed.schema.event import Event
 from testbed.schema.row import Row
 
@@ -199,8 +200,8 @@ class Monitor:
                and self.world_size > 1)  # one rank: nothing to compare
         gone = self.checkin.close_barrier(last if last >= 0 else None) if self.checkin is not None else []
         if due and not gone and _group_alive(self.state.process_group):
-            global_step = (self.path.last_row or {}).get("global_step")
-            self.path.final_check(last, extra={"global_step": global_step} if global_step is not None else None)
+            global_step = (self.path.last_row or {}).get(R.GLOBAL_STEP)
+            self.path.final_check(last, extra={R.GLOBAL_STEP: global_step} if global_step is not None else None)
 
     def _finish(self, ending: Ending) -> None:
         if self.record is None:

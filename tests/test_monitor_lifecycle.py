@@ -69,12 +69,12 @@ def test_an_out_dir_with_a_record_is_refused_and_overwrite_replaces_it(one_rank:
     with testbed.attach(first, out_dir=out) as monitor:
         _train(monitor, first, 2)
     before = (out / "metrics.jsonl").read_bytes()
+    second = DDP(torch.nn.Linear(4, 1))
     with pytest.raises(RunDirError, match=r"holds an earlier run \(status 'ok', 2 metric row\(s\)\); pass "
                                           r"overwrite=True to replace it") as e:
-        testbed.attach(DDP(torch.nn.Linear(4, 1)), out_dir=out)
+        testbed.attach(second, out_dir=out)
     assert "\n" not in str(e.value) and (out / "metrics.jsonl").read_bytes() == before
-    second = DDP(torch.nn.Linear(4, 1))
-    with testbed.attach(second, out_dir=out, overwrite=True) as monitor:
+    with testbed.attach(second, out_dir=out, overwrite=True) as monitor:  # refused before its hook went in
         assert (out / "metrics.jsonl").read_bytes() == b"" and _run(out)["status"] == "running"  # the old rows gone
         _train(monitor, second, 1)
     assert [r["step"] for r in read_metrics(out)] == [0] and _run(out)["status"] == "ok"

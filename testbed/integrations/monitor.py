@@ -39,13 +39,13 @@ import torch.distributed as dist
 
 from testbed.engine import fsdp, teardown
 from testbed.engine.alarms import BuiltinAlarms
-from testbed.engine.checkin import CheckIn, CheckInError, default_store
+from testbed.engine.checkin import CheckInError
 from testbed.engine.hook import ConsistencyState, install
 from testbed.engine.sinks import ListenerSink
 from testbed.engine.step_path import StepPath
 from testbed.integrations import endings
-from testbed.integrations.monitor_setup import attach_checkin, build_sinks, caller_stacklevel, checked_model
-from testbed.integrations.run_record import Ending, MonitorRecord, rank_environment, verdict_line
+from testbed.integrations.monitor_setup import Owned, build_sinks, caller_stacklevel, checked_model, claim
+from testbed.integrations.run_record import Ending, rank_environment, verdict_line
 from testbed.scenario import cadence as cadence_rule
 from testbed.scenario.cadence import Cadence
 from testbed.schema import run as K
@@ -63,30 +63,21 @@ class Monitor:
     """Per-step consistency metrics of one DDP or FSDP2 model (see the module docstring and
     ``attach`` for the options)."""
 
-    def __init__(self, model: torch.nn.Module, state: ConsistencyState, *, every: int = cadence_rule.EVERY,
-                 pairwise_every: int = cadence_rule.PAIRWISE_EVERY,
-                 weight_check_every: int = cadence_rule.WEIGHT_CHECK_EVERY, batch_size: int | None = None,
-                 noise_scale_ema: float = 0.9, out_dir: str | Path | None = None, keep_rows: bool = True,
+    def __init__(self, model: torch.nn.Module, state: ConsistencyState, cadence: Cadence, owned: Owned, *,
+                 batch_size: int | None = None, noise_scale_ema: float = 0.9, keep_rows: bool = True,
                  tensorboard: str | Path | None = None, optimizer: torch.optim.Optimizer | None = None,
-                 alpha: float | None = 0.01, steps: int | None = None, overwrite: bool = False,
-                 step_timeout_s: float | None = None, name: str | None = None, on_nonfinite: str = "continue",
-                 client: str = "attach"):
-        cadence = Cadence(every, pairwise_every, weight_check_every)  # ValueError naming the option
-        if steps is not None and steps < 1:
-            raise ValueError(f"steps must be >= 1 (the optimizer steps the loop will run), got {steps}")
+                 alpha: float | None = 0.01, steps: int | None = None, step_timeout_s: float | None = None,
+                 name: str | None = None, on_nonfinite: str = "continue", client: str = "attach"):
         self.model: torch.nn.Module | None = model
         self.state, self.cadence, self.alpha = state, cadence, alpha
         self.device = next(model.parameters()).device
         self.rank, self.world_size = dist.get_rank(state.process_group), state.world_size
-        # absolute now: a script that changes directory later still finalizes this record, not another
-        self.out_dir = Path(out_dir).absolute() if out_dir is not None else None
+        self.checkin, self.record = owned.checkin, owned.record
+        self.out_dir = self.record.out_dir if self.record is not None else None
         self.keep_rows, self.rows = keep_rows, []  # type: list[Row]
         self.on_row: list[Listener] = []  # called with every row, on every rank
         self.on_alarm: list[Callable[[Event], None]] = []  # called with every alarm event, on every rank
         self.step_index = 0
-        self.checkin: CheckIn | None = attach_checkin(default_store(state.process_group), state, step_timeout_s)
-        self.record = MonitorRecord(self.out_dir, self.rank, self.world_size, self.checkin) if self.out_dir else None
-        self.replaced = self.record.claim(overwrite) if self.record is not None else None
         self.path = StepPath(model, state, cadence, device=self.device, batch_size=batch_size,
                              noise_scale_ema=noise_scale_ema, last_step=steps - 1 if steps else None,
                              alarms=BuiltinAlarms(self.world_size, alpha),
@@ -267,22 +258,32 @@ def attach(model: torch.nn.Module, *, out_dir: str | Path | None = None, every: 
            keep_rows: bool = True, _client: str = "attach") -> Monitor:
     """Install the consistency hook on ``model`` (a DDP model, or the root module of an FSDP2
     ``fully_shard`` model) and return its :class:`Monitor`. Call it on every rank, before the first
-    backward. Every option is described in docs/monitor.md ("Options of attach")."""
+    backward. Every option is described in docs/monitor.md ("Options of attach"). Everything that
+    can be refused - the model, the options, ``out_dir`` - is refused before the hook is installed."""
     model = checked_model(model, process_group)
-    if fsdp.is_sharded(model):
-        state = fsdp.install(model, process_group)
-    else:
-        try:
-            state = install(model, process_group)
-        except RuntimeError as e:
-            raise RuntimeError(f"cannot attach the testbed hook: {e} (a DDP model takes one comm hook; attach "
-                               "replaces DDP's default all-reduce, not a custom hook such as fp16 compression)") from e
-    monitor = Monitor(model, state, every=every, pairwise_every=pairwise_every, weight_check_every=weight_check_every,
-                      batch_size=batch_size, noise_scale_ema=noise_scale_ema, out_dir=out_dir, keep_rows=keep_rows,
-                      tensorboard=tensorboard, optimizer=optimizer, alpha=alpha, steps=steps, overwrite=overwrite,
-                      step_timeout_s=step_timeout_s, name=name, on_nonfinite=on_nonfinite, client=_client)
+    cadence = Cadence(every, pairwise_every, weight_check_every)  # ValueError naming the option
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be >= 1 (the optimizer steps the loop will run), got {steps}")
+    owned = claim(process_group, out_dir, overwrite, step_timeout_s)  # RunDirError on every rank
+    try:
+        state = fsdp.install(model, process_group) if fsdp.is_sharded(model) else _install_ddp(model, process_group)
+        monitor = Monitor(model, state, cadence, owned, batch_size=batch_size, noise_scale_ema=noise_scale_ema,
+                          keep_rows=keep_rows, tensorboard=tensorboard, optimizer=optimizer, alpha=alpha, steps=steps,
+                          step_timeout_s=step_timeout_s, name=name, on_nonfinite=on_nonfinite, client=_client)
+    except BaseException:
+        if owned.record is not None:
+            owned.record.release()
+        raise
     teardown.register(model, monitor)  # closes it at exit, then joins gloo's threads (issue 17)
     return monitor
+
+
+def _install_ddp(model: torch.nn.Module, process_group: dist.ProcessGroup | None) -> ConsistencyState:
+    try:
+        return install(model, process_group)
+    except RuntimeError as e:
+        raise RuntimeError(f"cannot attach the testbed hook: {e} (a DDP model takes one comm hook; attach "
+                           "replaces DDP's default all-reduce, not a custom hook such as fp16 compression)") from e
 
 
 def default_name() -> str:

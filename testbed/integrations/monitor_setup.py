@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import testbed
 from testbed.engine import fsdp
-from testbed.engine.checkin import CheckIn
-from testbed.engine.hook import ConsistencyState
+from testbed.engine.checkin import CheckIn, default_store
 from testbed.engine.sinks import JsonlSink, LoggerSink, Sink
+from testbed.integrations.run_record import MonitorRecord
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(testbed.__file__))
 _attach_count = itertools.count()  # the same sequence on every rank: the monitors' store prefixes agree
@@ -42,19 +43,40 @@ def checked_model(model: torch.nn.Module, process_group: dist.ProcessGroup | Non
                     "accelerator.prepare returned)")
 
 
-def attach_checkin(store: Any, state: ConsistencyState, step_timeout_s: float | None) -> CheckIn | None:
+@dataclass
+class Owned:
+    """What ``attach`` holds before the hook goes in: the check-in and the claimed run record."""
+
+    checkin: CheckIn | None
+    record: MonitorRecord | None
+
+
+def claim(group: dist.ProcessGroup | None, out_dir: str | Path | None, overwrite: bool,
+          step_timeout_s: float | None) -> Owned:
+    """The check-in over the job's store and, with ``out_dir``, the claimed record (RunDirError on
+    every rank when it is not free). ``out_dir`` becomes absolute: a script that changes directory
+    later still finalizes this record."""
+    checkin = attach_checkin(default_store(group), group, step_timeout_s)
+    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+    record = MonitorRecord(Path(out_dir).absolute(), rank, world_size, checkin) if out_dir is not None else None
+    if record is not None:
+        record.claim(overwrite)
+    return Owned(checkin, record)
+
+
+def attach_checkin(store: Any, group: dist.ProcessGroup | None, step_timeout_s: float | None) -> CheckIn | None:
     """The monitor's check-in (engine/checkin.py), or None with one rank or no store.
     ``step_timeout_s``: None = derived from the step times; 0 = no per-step check-in (the
     attach-time exchanges still use the store, with the default deadline)."""
     if step_timeout_s is not None and step_timeout_s < 0:
         raise ValueError(f"step_timeout_s must be >= 0 (0 = no check-in), got {step_timeout_s}")
     n = next(_attach_count)
-    if state.world_size == 1 or store is None:
+    world_size = dist.get_world_size(group)
+    if world_size == 1 or store is None:
         return None
-    group = state.process_group
     tag = getattr(group, "group_name", None) or "default"
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # torchrun keeps its store across restarts
-    return CheckIn(store, f"testbed/monitor/{restart}/{tag}/{n}", dist.get_rank(group), state.world_size,
+    return CheckIn(store, f"testbed/monitor/{restart}/{tag}/{n}", dist.get_rank(group), world_size,
                    timeout_s=step_timeout_s or None)
 
 

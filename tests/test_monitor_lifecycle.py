@@ -157,3 +157,14 @@ def test_an_uncaught_exception_finalizes_the_record(tmp_path: Path) -> None:
     run = _run(tmp_path / "mine")
     assert run["status"] == "failed" and run["reason"] == "rank 0 failed at step 4: ValueError: boom"
     assert run["steps_kept"] == 4 and "raise ValueError" in run["traceback"]
+
+
+def test_a_finished_testbed_run_directory_is_refused(one_rank: None, tmp_path: Path) -> None:
+    """Attaching into a `testbed run` directory appended foreign rows under its run.json's count."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text(json.dumps({"status": "ok", "steps_kept": 1}))
+    (run_dir / "metrics.jsonl").write_text('{"step": 0}\n')
+    with pytest.raises(RunDirError, match=r"holds an earlier run \(status 'ok', 1 metric row\(s\)\)"):
+        testbed.attach(DDP(torch.nn.Linear(4, 1)), out_dir=run_dir)
+    assert (run_dir / "metrics.jsonl").read_text() == '{"step": 0}\n'

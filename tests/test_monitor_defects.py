@@ -161,28 +161,9 @@ def _events(out: Path) -> list[dict[str, Any]]:
     return read_jsonl(out / "events.jsonl")
 
 
-@pytest.mark.timeout(300)
-def test_lightning_alarm_lands_at_the_step_of_its_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Lightning logs a batch's ``log_dict`` at ``global_step - 1``; the alarm went out at
-    ``global_step``, one step late in TensorBoard. One process, Lightning's own DDP strategy."""
-    import lightning as L
+def _capture_logger() -> Any:
+    """A Lightning logger that keeps every ``log_metrics`` call: (metrics, step)."""
     from lightning.pytorch.loggers.logger import Logger
-    from torch.utils.data import DataLoader, TensorDataset
-
-    for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
-        monkeypatch.delenv(name, raising=False)  # Lightning sets them; restored after the test
-
-    class Lit(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin = torch.nn.Linear(4, 1)
-
-        def training_step(self, batch: Any, i: int) -> torch.Tensor:
-            x, y = batch
-            return ((self.lin(x).squeeze(-1) - y) ** 2).mean()
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.1)
 
     class Capture(Logger):
         name, version = "capture", 0
@@ -201,6 +182,31 @@ def test_lightning_alarm_lands_at_the_step_of_its_row(tmp_path: Path, monkeypatc
         def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
             pass
 
+    return Capture()
+
+
+@pytest.mark.timeout(300)
+def test_lightning_alarm_lands_at_the_step_of_its_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning logs a batch's ``log_dict`` at ``global_step - 1``; the alarm went out at
+    ``global_step``, one step late in TensorBoard. One process, Lightning's own DDP strategy."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.delenv(name, raising=False)  # Lightning sets them; restored after the test
+
+    class Lit(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch: Any, i: int) -> torch.Tensor:
+            x, y = batch
+            return ((self.lin(x).squeeze(-1) - y) ** 2).mean()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
     callback = testbed.TestbedLightningCallback(out_dir=tmp_path / "mine", alpha=0.05)
 
     class RaiseAt3(L.Callback):
@@ -208,7 +214,7 @@ def test_lightning_alarm_lands_at_the_step_of_its_row(tmp_path: Path, monkeypatc
             if trainer.global_step == 3:
                 callback.monitor.alarm("mine", "raised in the step of global_step 3")
 
-    logger = Capture()
+    logger = _capture_logger()
     data = TensorDataset(torch.randn(64, 4, generator=torch.Generator().manual_seed(0)), torch.randn(64))
     trainer = L.Trainer(strategy="ddp", devices=1, accelerator="cpu", max_steps=5, logger=logger, log_every_n_steps=1,
                         callbacks=[callback, RaiseAt3()], enable_progress_bar=False, enable_checkpointing=False,

@@ -147,8 +147,8 @@ class Monitor:
     def stopped(self, signame: str) -> None:
         """A stop signal reached the process (``integrations/endings.py``): finalize as failed, tell
         the peers; nothing is closed (the interrupted code may still be writing)."""
-        if self._closed:
-            return
+        if self.record is not None and self.record.ending is not None:
+            return  # already finalized (a close() in its final check is not: the signal ends it)
         what = f"was stopped by {signame} at step {self.step_index}"
         if self.checkin is not None:
             self.checkin.end("stopped", what, self.step_index)

@@ -191,10 +191,11 @@ class CheckIn:
             if now >= deadline:
                 missing = [r for r, k in zip(who or range(len(keys)), keys) if not self.store.check([k])]
                 waiting = [r for r in range(self.world_size) if r not in missing]
+                advice = ("call monitor.step on every rank, every step (a rank that is only slower - a checkpoint "
+                          "saved on one rank - needs attach(step_timeout_s=...))" if what.startswith("step") else
+                          "call testbed.attach on every rank, with the same options")
                 raise MissingRanks(f"testbed monitor: rank(s) {missing} did not reach {what} within "
-                                   f"{now - started:.1f} s while rank(s) {waiting} did: call monitor.step on every "
-                                   "rank, every step (a rank that is only slower - a checkpoint saved on one rank - "
-                                   "needs attach(step_timeout_s=...))", missing)
+                                   f"{now - started:.1f} s while rank(s) {waiting} did: {advice}", missing)
             time.sleep(pause)
             pause = min(pause * 2, MAX_POLL_S)
 

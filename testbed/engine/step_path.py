@@ -70,7 +70,9 @@ class StepPath:
         self.alarms, self.checkin, self.on_nonfinite = alarms, checkin, on_nonfinite
         self.sharded = fsdp.is_sharded(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.state.keep_local = self_check
+        self.self_check = self_check
+        if self_check:
+            self.state.keep_local = True  # the hook keeps every local bucket for the brute-force copy
         self.plan = StepCadence(False, False, False)
         self.step: int | None = None  # the step armed by begin
         self.last_state_check: int | None = None  # the last step whose row has the state check
@@ -102,7 +104,7 @@ class StepPath:
         row = build_row(step, gathered.fields, gathered.gram, measure=plan.measure and acc is not None,
                         pairwise=plan.pairwise, batch_size=self.batch_size, noise=self.noise, sharded=self.sharded)
         row.update(extra or {})  # type: ignore[typeddict-item]
-        if self.state.keep_local and plan.measure:
+        if self.self_check and plan.measure:
             row[R.SELF_CHECK] = self._self_check()  # type: ignore[literal-required]
         if plan.check_state:
             self.last_state_check = step

@@ -9,6 +9,7 @@ MODE:
 - ``plain``: a healthy loop (the second launch into the same OUT must be refused).
 - ``long``: a healthy loop of STEPS steps that prints ``step k`` as it goes (stopped by SIGTERM).
 - ``rank0_only``: ``monitor.step`` only on rank 0 after step 2 (the "log on rank 0 only" mistake).
+- ``rank1_raises``: a ValueError escapes rank 1's loop after step 3.
 
 No script calls ``monitor.close()``: the record is finalized by the monitor's exit handler.
 """
@@ -51,6 +52,8 @@ def main() -> None:
         if mode == "rank0_only" and step >= 2 and rank != 0:
             continue  # the mistake: only rank 0 "logs"
         monitor.step(loss)
+        if mode == "rank1_raises" and rank == 1 and step == 3:
+            raise ValueError("bad batch on rank 1")
         if mode == "long" and rank == 0:
             print(f"step {step}", flush=True)
 

@@ -165,3 +165,15 @@ def test_a_rank_that_stops_calling_step_ends_the_job_with_its_name(tmp_path: Pat
     assert run["failed_step"] == 2 and run["steps_kept"] == 2
     assert launch.wall_s < 120  # the whole launch; the default deadline alone is 60 s
     assert launch.rank_pids and not [p for p in launch.rank_pids if _alive(p)]
+
+
+@pytest.mark.timeout(600)
+def test_a_rank_that_fails_is_named_as_the_root_cause(tmp_path: Path) -> None:
+    """Rank 1 raises; rank 0 only sees gloo's "connection closed". The record names rank 1's error."""
+    out = tmp_path / "mine"
+    launch = Launch("rank1_raises", out)
+    assert launch.code != 0
+    run = _run_json(out)
+    assert run["status"] == "failed" and run["failed_rank"] == 1, run["reason"]
+    assert run["reason"].startswith("rank 1 failed at step 4: ValueError: bad batch on rank 1 (then rank 0: ")
+    assert run["steps_kept"] == 4 and [m["rank"] for m in run["rank_reports"]] == [1]

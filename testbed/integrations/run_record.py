@@ -164,8 +164,10 @@ class MonitorRecord:
         failed = [m for m in markers if m.get("kind") == "failed" and not _secondary(m.get("error") or "")]
         if failed and _secondary(ending.reason):
             root = failed[0]
+            seen = (ending.reason.splitlines() or [""])[0]
+            seen = seen if len(seen) <= 160 else seen[:157] + "..."
             ending.reason = f"rank {root['rank']} {root['what']}" + (f": {root['error']}" if root.get("error") else "") \
-                + f" (rank {self.rank}: {ending.reason})"
+                + f" (then rank {self.rank}: {seen})"
             ending.failed_rank, ending.failed_step = root["rank"], root.get("step")
 
     def release(self) -> None:

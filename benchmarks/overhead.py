@@ -3,6 +3,8 @@
     python benchmarks/overhead.py --quick     # < 3 min on 2 cores: 2 ranks, 1M and 11M, ratio table
     python benchmarks/overhead.py             # full: 1M/11M/50M × 2/4 ranks × 64/512 samples per rank;
                                               # writes docs/performance.md, docs/performance_overhead.png
+    python benchmarks/overhead.py --state-check   # the default state check's cost: 11M, 2 ranks, 64/rank;
+                                                  # (g) vs (b) per check, (h) attach's defaults vs plain DDP
 
 Per world size two spawned gloo process groups run: a memory run (per-variant peak RSS and
 counted bytes per step) and a timing run (variants interleaved round-robin; ratios per round).
@@ -26,12 +28,15 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` and `testbed
 
 from benchmarks import report  # noqa: E402
 from benchmarks.ranks import run_world  # noqa: E402
-from benchmarks.variants import SIZES, VARIANTS  # noqa: E402
+from benchmarks.variants import ALL_VARIANTS, LABELS, SIZES, VARIANTS  # noqa: E402
+from testbed.scenario.cadence import WEIGHT_CHECK_EVERY  # noqa: E402
 
 QUICK = {"sizes": ["1M", "11M"], "ranks": [2], "batches": [64, 512], "rounds": 3, "block_s": 0.25,
          "memory_sizes": ["11M"], "memory_batches": [64]}
 FULL = {"sizes": ["1M", "11M", "50M"], "ranks": [2, 4], "batches": [64, 512], "rounds": 7, "block_s": 0.5,
         "memory_sizes": ["1M", "11M", "50M"], "memory_batches": [64]}  # extra memory does not depend on batch
+STATE_CHECK = {"sizes": ["11M"], "ranks": [2], "batches": [64], "rounds": 9, "block_s": 1.0,
+               "memory_sizes": [], "memory_batches": [], "variants": ["plain", "metrics", "state", "monitor"]}
 
 
 def make_plan(configs: list[dict[str, Any]], modes: list[str], args: argparse.Namespace) -> dict[str, Any]:
@@ -62,10 +67,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small run (< 3 min on 2 cores); prints the table only")
+    p.add_argument("--state-check", action="store_true",
+                   help="the cost of the default state check (11M, 2 ranks, 64/rank; variants plain, metrics, state, "
+                        "monitor); prints the table and the per-check / per-step cost, leaves the docs alone")
     p.add_argument("--sizes", nargs="+", choices=sorted(SIZES), help="model sizes")
     p.add_argument("--ranks", nargs="+", type=int, help="world sizes")
     p.add_argument("--batches", nargs="+", type=int, help="samples per rank")
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", choices=ALL_VARIANTS)
     p.add_argument("--rounds", type=int, help="interleaved rounds per config")
     p.add_argument("--block-s", type=float, help="target seconds per timed block (sets steps per block)")
     p.add_argument("--min-steps", type=int, default=1, help="at least this many steps per timed block")
@@ -78,16 +86,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-doc", action="store_true", help="print only: leave the doc and the plot alone")
     p.add_argument("--from-json", type=Path, help="re-render table/plot/doc from a --json file of an earlier run")
     args = p.parse_args(argv)
-    preset = QUICK if args.quick else FULL
+    preset = STATE_CHECK if args.state_check else QUICK if args.quick else FULL
     for name in ("sizes", "ranks", "batches", "rounds", "block_s"):
         if getattr(args, name) is None:
             setattr(args, name, preset[name])
+    if args.variants is None:
+        args.variants = list(preset.get("variants", VARIANTS))
+    if args.state_check:
+        args.no_memory, args.no_doc = True, True
     custom_sizes = args.sizes != preset["sizes"] or args.batches != preset["batches"]
     args.memory_sizes = None if custom_sizes else preset["memory_sizes"]
     args.memory_batches = None if custom_sizes else preset["memory_batches"]
     if "plain" not in args.variants:
         p.error("--variants must include plain (every ratio is against it)")
-    if not (args.quick or args.no_doc):
+    if not (args.quick or args.no_doc or args.state_check):
         args.doc = args.doc or ROOT / "docs" / "performance.md"
         args.plot = args.plot or ROOT / "docs" / "performance_overhead.png"
     return args
@@ -112,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report.BASELINE_NOTE)
     for line in report.check_targets(rows):
         print("  " + line)
+    for line in state_check_cost(rows):
+        print("  " + line)
     print(f"[bench] load average at end: {', '.join(f'{x:.2f}' for x in info['loadavg_end'])}; "
           f"wall {info['wall_s']:.0f} s")
     if args.json and not args.from_json:
@@ -125,6 +139,26 @@ def main(argv: list[str] | None = None) -> int:
         report.update_doc(args.doc, report.results_section(rows, command, info))
         print(f"[bench] wrote {args.doc}" + (f" and {args.plot}" if args.plot else ""))
     return 0
+
+def state_check_cost(rows: list[dict[str, Any]]) -> list[str]:
+    """The default state check's price: one check = (g) - (b); at the default cadence (step 0, then
+    every WEIGHT_CHECK_EVERY steps) its share per step; and attach()'s defaults, all in, vs plain DDP."""
+    by = {(r["world_size"], r["size"], r["batch"], r["variant"]): r for r in rows}
+    out = []
+    for (w, size, batch, v), r in sorted(by.items()):
+        metrics, plain = by.get((w, size, batch, "metrics")), by.get((w, size, batch, "plain"))
+        if v == "state" and metrics and plain and "step_ms" in r and "step_ms" in metrics and "ratio" in r:
+            per_check = r["step_ms"] - metrics["step_ms"]
+            per_step = per_check / WEIGHT_CHECK_EVERY
+            out.append(f"{size}, {w} ranks, {batch}/rank: one state check {per_check:+.2f} ms (step {r['ratio']:.3f}× "
+                       f"of {LABELS['metrics']}, IQR {r['ratio_q1']:.3f}–{r['ratio_q3']:.3f}); at the default "
+                       f"cadence (1 step in {WEIGHT_CHECK_EVERY}) {per_step:+.3f} ms per step = "
+                       f"{100 * per_step / plain['step_ms']:+.2f} % of a plain DDP step ({plain['step_ms']:.1f} ms)")
+        if v == "monitor" and "ratio" in r:
+            out.append(f"{size}, {w} ranks, {batch}/rank: {LABELS['monitor']} {r['ratio']:.3f}× plain DDP wall time "
+                       f"(IQR {r['ratio_q1']:.3f}–{r['ratio_q3']:.3f}; CPU {r['cpu_ratio']:.3f}×)")
+    return out
+
 
 if __name__ == "__main__":
     sys.exit(main())

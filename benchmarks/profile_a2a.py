@@ -10,7 +10,7 @@ collective and metric component is timed where it runs (wall time, summed per st
 ``all_to_all_single`` and the all-gather of the mean slice (issue + wait) in the hook,
 ``add_gram`` and the row sum (``add_slices`` minus ``add_gram``), FSDP's default
 ``reduce_scatter_single`` and its parameter ``all_gather_single``, and the row gather
-(``worker.gather_metrics``). The rest of a step is forward, backward and the optimizer.
+(``StepPath.end``). The rest of a step is forward, backward and the optimizer.
 """
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ def _timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _instrument() -> None:
-    from testbed.engine import fsdp, hook, worker
+    from testbed.engine import fsdp, hook
+    from testbed.engine.step_path import StepPath
     from testbed.metrics import step as metrics
 
     dist.all_to_all_single = _timed("all_to_all_single", dist.all_to_all_single)  # hook and fsdp call dist.*
@@ -58,7 +59,7 @@ def _instrument() -> None:
     add_gram, add_slices = metrics.BucketAccumulator.add_gram, metrics.BucketAccumulator.add_slices
     metrics.BucketAccumulator.add_gram = _timed("add_gram (Gram share)", add_gram)  # type: ignore[method-assign]
     metrics.BucketAccumulator.add_slices = _timed("add_slices (Gram + sum)", add_slices)  # type: ignore[method-assign]
-    worker.gather_metrics = _timed("gather_metrics (row)", worker.gather_metrics)
+    StepPath.end = _timed("StepPath.end (row)", StepPath.end)  # type: ignore[method-assign]
 
 
 def _rank(rank: int, world: int, port: int, size: str, batch: int, steps: int, rounds: int, out: str) -> None:

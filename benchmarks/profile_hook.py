@@ -7,7 +7,7 @@ Part 1 (one process): relative error of ‖g‖² and g·ḡ against float64 for
 whole vector and for the hook's chunked sums, and their single-thread cost (best of N).
 Part 2 (2 gloo ranks): per rank, process CPU time per step of plain DDP and of the metrics step,
 with the two metric components timed where they run: ``BucketAccumulator.add_pairs`` (thread
-time, inside the hook's callback on gloo's thread) and ``worker.gather_metrics`` (main thread).
+time, inside the hook's callback on gloo's thread) and ``StepPath.end`` (main thread).
 Part 3 (2 gloo ranks): the metric step's wall-time overhead taken apart in interleaved rounds:
 plain DDP, hook not measuring (``idle``), hook measuring without the dot products (``nodots``),
 and the full metric step.
@@ -30,7 +30,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from testbed.metrics import step as metrics
-from testbed.engine import worker  # noqa: E402
+from testbed.engine.step_path import StepPath  # noqa: E402
 
 
 def best_of(fn: Callable[[], Any], repeats: int) -> float:
@@ -69,7 +69,7 @@ def _rank(rank: int, world: int, port: int, size: str, batch: int, steps: int, o
 
     torch.set_num_threads(1)
     spent = {"add_pairs": 0.0, "gather_metrics": 0.0}
-    add_pairs, gather = metrics.BucketAccumulator.add_pairs, worker.gather_metrics
+    add_pairs, gather = metrics.BucketAccumulator.add_pairs, StepPath.end
 
     def timed_pairs(self: metrics.BucketAccumulator, *a: Any) -> None:
         t = time.thread_time()
@@ -83,7 +83,7 @@ def _rank(rank: int, world: int, port: int, size: str, batch: int, steps: int, o
         return row
 
     metrics.BucketAccumulator.add_pairs = timed_pairs  # type: ignore[method-assign]
-    worker.gather_metrics = timed_gather
+    StepPath.end = timed_gather  # type: ignore[method-assign]
     store = dist.TCPStore("127.0.0.1", port, world + 1, is_master=False, timeout=datetime.timedelta(seconds=600))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     bench = Bench(SIZES[size], batch, rank, world)

@@ -118,7 +118,8 @@ def _memory_config(bench: Bench, plan: dict[str, Any]) -> list[dict[str, Any]]:
         with counting() as counter:
             bench.step(v)
         traffic = counter.total()
-        ddp = {"plain": "plain", "metrics": "hooked", "a2a": "hooked", "idle": "hooked", "pairwise": "legacy"}.get(v)
+        ddp = {"plain": "plain", "metrics": "hooked", "a2a": "hooked", "idle": "hooked", "pairwise": "legacy",
+               "state": "hooked", "monitor": "monitored"}.get(v)
         buckets = reducer_bucket_sizes(bench.models[ddp]) if ddp else []
         if v == "plain":  # the C++ reducer's all-reduce never reaches Python: count its buckets
             traffic = {"sent": traffic["sent"] + sum(buckets), "received": traffic["received"] + sum(buckets),

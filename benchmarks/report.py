@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from benchmarks.variants import BASELINE, LABELS, VARIANTS
+from benchmarks.variants import ALL_VARIANTS, BASELINE, LABELS, VARIANTS
 
 Key = tuple[int, str, int]  # (world size, model size label, samples per rank)
 MB = 1e6
@@ -41,7 +41,7 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             memory[key][rec["variant"]] = rec
     rows = []
     for key in sorted(set(timing) | set(memory), key=lambda k: (k[0], meta[k]["parameters"], k[2])):
-        variants = [v for v in VARIANTS if v in timing.get(key, {}) or v in memory.get(key, {})]
+        variants = [v for v in ALL_VARIANTS if v in timing.get(key, {}) or v in memory.get(key, {})]
         for v in variants:
             row: dict[str, Any] = {"world_size": key[0], "size": key[1], "batch": key[2], "variant": v,
                                    "parameters": meta[key]["parameters"],
@@ -110,8 +110,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-BASELINE_NOTE = ("Baseline of the ratio columns: plain DDP (a), measured in the same round; for (f2): plain FSDP2 (f). "
-                 "(f) itself is shown against plain DDP.")
+BASELINE_NOTE = ("Baseline of the ratio columns: plain DDP (a), measured in the same round; for (f2): plain FSDP2 (f); "
+                 "for (g): (b). (f) itself is shown against plain DDP.")
 
 
 def check_targets(rows: list[dict[str, Any]]) -> list[str]:

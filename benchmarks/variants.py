@@ -22,11 +22,21 @@ without a comm hook would have to (the local gradient must exist before any all-
 - ``fsdp``     (f): plain FSDP2 (``fully_shard`` per Linear, then the root; default reduce-scatter).
 - ``fsdp_metrics`` (f2): FSDP2 with testbed's reduce-scatter measuring every step, pairwise matrix
   included, plus the worker's row gather (compared with (f), not with plain DDP).
+
+Opt-in (``--variants`` / ``--state-check``), the cost of the default state check:
+
+- ``state``    (g): (b) plus the exact state check (parameter checksum in the step's one all-gather)
+  on every step; its ratio column is against (b), so it is the price of one check.
+- ``monitor``  (h): ``testbed.attach(model, batch_size=...)`` with every default - metrics every
+  step, the state check at step 0 and every ``WEIGHT_CHECK_EVERY`` steps, the store check-in before
+  each all-gather, the built-in alarms (no ``out_dir``: no files) - against plain DDP.
+
+(b), (c2), (f2) and (g) run ``testbed.engine.step_path.StepPath`` - the code path of ``testbed run``
+and of the drop-in monitor - with the cadence each variant names.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -34,14 +44,17 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from benchmarks import legacy_pairwise
-from testbed.engine import fsdp, worker
-from testbed.workloads.data import ShardedSampler
+from testbed.engine import fsdp
 from testbed.engine.hook import install
-from testbed.metrics.step import NoiseScaleEMA, mean_offdiagonal, pairwise_cosine, step_metrics
+from testbed.engine.step_path import StepPath
+from testbed.metrics.step import mean_offdiagonal, pairwise_cosine, step_metrics
+from testbed.scenario.cadence import Cadence
 from testbed.scenario.tables import DATASETS, MODELS, OPTIMIZERS
 from testbed.scenario.spec import parse_scenario
 
 VARIANTS: tuple[str, ...] = ("plain", "metrics", "pairwise", "a2a", "naive", "idle", "fsdp", "fsdp_metrics")
+STATE_VARIANTS: tuple[str, ...] = ("state", "monitor")  # opt-in: the default state check's cost
+ALL_VARIANTS: tuple[str, ...] = VARIANTS + STATE_VARIANTS
 LABELS: dict[str, str] = {
     "plain": "(a) plain DDP",
     "metrics": "(b) DDP + testbed metrics",
@@ -51,9 +64,14 @@ LABELS: dict[str, str] = {
     "idle": "(e) hook, unmeasured step",
     "fsdp": "(f) plain FSDP2",
     "fsdp_metrics": "(f2) FSDP2 + testbed metrics + pairwise",
+    "state": "(g) DDP + metrics + state check every step",
+    "monitor": "(h) testbed.attach defaults (state check 1 in 10, check-in, alarms)",
 }
-BASELINE: dict[str, str] = {"fsdp_metrics": "fsdp"}  # ratio column: against this variant, else plain DDP
-_DDP_HOOKED = ("metrics", "a2a", "idle")
+# ratio column: against this variant, else plain DDP
+BASELINE: dict[str, str] = {"fsdp_metrics": "fsdp", "state": "metrics"}
+_DDP_HOOKED = ("metrics", "a2a", "idle", "state")
+_CADENCE = {"metrics": Cadence(1, 0, 0), "a2a": Cadence(1, 1, 0), "state": Cadence(1, 0, 1),
+            "fsdp_metrics": Cadence(1, 1, 0)}
 
 
 @dataclass(frozen=True)
@@ -121,16 +139,16 @@ class Bench:
         if "fsdp_metrics" in wanted:
             self.fsdp_hooked = add("fsdp_metrics", fsdp.shard(self._model(scenario, dataset)))
             self.fsdp_hook = fsdp.install(self.fsdp_hooked)
-        ctx = worker.RankContext(rank, world_size, rank, Path("."))
-        self.jobs: dict[str, Any] = {}
-        for name, state in (("hooked", getattr(self, "hook", None)), ("fsdp_metrics", getattr(self, "fsdp_hook", None))):
-            if state is not None:  # the worker's own job record, so gather_metrics runs exactly as in `testbed run`
-                model = self.models[name]
-                self.jobs[name] = worker._Job(scenario, ctx, self.device, model, self.opts[name], state,
-                                              ShardedSampler(dataset.size, world_size, batch), dataset,
-                                              [g["lr"] for g in self.opts[name].param_groups],
-                                              NoiseScaleEMA(scenario.metrics.noise_scale_ema),
-                                              params=list(model.parameters()))
+        if "monitor" in wanted:  # the drop-in monitor exactly as a user attaches it (no out_dir: no files)
+            import testbed
+
+            self.monitored = add("monitored", DDP(self._model(scenario, dataset)))
+            self.monitor = testbed.attach(self.monitored, batch_size=batch)
+        self.paths: dict[str, StepPath] = {}  # the step path of `testbed run` and of the monitor
+        for v in wanted & set(_CADENCE):
+            model, state = ((self.fsdp_hooked, self.fsdp_hook) if v == "fsdp_metrics" else (self.hooked, self.hook))
+            self.paths[v] = StepPath(model, state, _CADENCE[v], device=self.device, batch_size=batch,
+                                     noise_scale_ema=scenario.metrics.noise_scale_ema)
         self.steps_done = 0
         self.last_row: dict[str, Any] | None = None
 
@@ -141,7 +159,8 @@ class Bench:
 
     def step(self, variant: str) -> None:
         {"plain": self._plain, "metrics": self._metrics, "pairwise": self._pairwise, "a2a": self._a2a,
-         "naive": self._naive, "idle": self._idle, "fsdp": self._fsdp, "fsdp_metrics": self._fsdp_metrics}[variant]()
+         "naive": self._naive, "idle": self._idle, "fsdp": self._fsdp, "fsdp_metrics": self._fsdp_metrics,
+         "state": self._state, "monitor": self._monitor}[variant]()
         self.steps_done += 1
 
     def _update(self, name: str) -> None:
@@ -152,24 +171,36 @@ class Bench:
         self.plain(**self.batch).backward()
         self._update("plain")
 
-    def _hooked_step(self, name: str, measure: bool, pairwise: bool) -> None:
-        state = self.fsdp_hook if name == "fsdp_metrics" else self.hook
-        state.begin_step(measure, pairwise, None, None, self.device)
-        loss = self.models[name](**self.batch)
+    def _path_step(self, variant: str) -> None:
+        """One step through ``StepPath`` with the variant's cadence (begin, forward, backward,
+        optimizer, end: the row)."""
+        path = self.paths[variant]
+        model = "fsdp_metrics" if variant == "fsdp_metrics" else "hooked"
+        path.begin(self.steps_done)
+        loss = self.models[model](**self.batch)
         loss.backward()
-        self._update(name)
-        if measure or pairwise:
-            self.last_row = worker.gather_metrics(self.jobs[name], self.steps_done, loss.detach().double(), True,
-                                                  pairwise)
+        self._update(model)
+        self.last_row = path.end(self.steps_done, loss.detach().double())
 
     def _metrics(self) -> None:
-        self._hooked_step("hooked", True, False)
+        self._path_step("metrics")
 
     def _a2a(self) -> None:
-        self._hooked_step("hooked", True, True)
+        self._path_step("a2a")
+
+    def _state(self) -> None:
+        self._path_step("state")
 
     def _idle(self) -> None:
-        self._hooked_step("hooked", False, False)
+        self.hook.begin_step(False, False, None, None, self.device)
+        self.models["hooked"](**self.batch).backward()
+        self._update("hooked")
+
+    def _monitor(self) -> None:
+        loss = self.monitored(**self.batch)
+        loss.backward()
+        self._update("monitored")
+        self.last_row = self.monitor.step(loss)
 
     def _pairwise(self) -> None:
         self.legacy_hook.begin_step(True, True, None, None, self.device)
@@ -183,7 +214,7 @@ class Bench:
         self._update("fsdp")
 
     def _fsdp_metrics(self) -> None:
-        self._hooked_step("fsdp_metrics", True, True)
+        self._path_step("fsdp_metrics")
 
     def _naive(self) -> None:
         module = self.plain.module  # outside DDP: no reducer all-reduce, local gradients stay local

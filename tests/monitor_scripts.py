@@ -34,7 +34,8 @@ def plain_ddp(s: Scenario, out: Path) -> None:
     model = DDP(MODELS.get(s.model.kind)(dataset, **s.model.params))
     optimizer = OPTIMIZERS.get(s.optim.kind)(model.parameters(), **s.optim.params)
     sampler = ShardedSampler(dataset.size, n, s.batch_size)
-    with testbed.attach(model, out_dir=out, batch_size=s.batch_size, weight_check_every=1) as monitor:
+    with testbed.attach(model, out_dir=out, batch_size=s.batch_size, weight_check_every=s.metrics.weight_check_every,
+                        optimizer=optimizer, steps=s.steps) as monitor:
         for step in range(s.steps):
             batch = dataset.batch(sampler.indices(step, StepPlan.synced(rank, n, step, s.seed)))
             loss = model(**batch)

@@ -28,13 +28,13 @@ def test_overhead_machinery_runs_and_counts_traffic_exactly(tmp_path: Path) -> N
         assert row["step_ms"] > 0 and math.isfinite(row["ratio"]) and math.isfinite(row["cpu_ratio"])
         assert row["peak_rss_mb"] > 0
     grads = SIZES["1M"].parameters * 4  # fp32 gradient bytes per rank
-    scalars = WORLD * 3 * 8  # gather_metrics: (loss, ‖g‖², g·ḡ) in float64 from every rank
-    shares = WORLD * (3 + WORLD * WORLD) * 8  # ... plus each rank's N×N share of the Gram matrix
+    scalars = WORLD * 4 * 8  # the step's all-gather: (loss, ‖g‖², g·ḡ, lr) in float64 from every rank
+    shares = WORLD * (4 + WORLD * WORLD) * 8  # ... plus each rank's N×N share of the Gram matrix
     mb = report.MB
     assert rows["plain"]["received_mb"] * mb == grads  # the C++ reducer's buckets
     assert rows["idle"]["received_mb"] * mb == grads
     assert rows["metrics"]["received_mb"] * mb == grads + scalars
-    assert rows["pairwise"]["received_mb"] * mb == grads + WORLD * grads + scalars
+    assert rows["pairwise"]["received_mb"] * mb == grads + WORLD * grads + WORLD * 3 * 8  # legacy: its own 3 scalars
     # all-to-all: this rank's slice from every rank (1/N of the gradient × N), all-gather: the whole
     # gradient (every dimension of the 1M model is even: no padding at N = 2) - one all-reduce's bytes
     assert rows["a2a"]["received_mb"] * mb == grads + grads + shares

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from testbed.cli.main import main as cli_main
 from testbed.engine.proctree import kill_tree
 from testbed.record.files import read_jsonl, read_metrics
 from tests.doc_snippets import snippets
@@ -38,7 +39,31 @@ def _launch(modes: str, tmp_path: Path, **env: str) -> Path:
         log, _ = proc.communicate(timeout=60)
         pytest.fail(f"torchrun {modes} did not finish in {LAUNCH_TIMEOUT_S} s:\n{log[-6000:]}")
     assert proc.returncode == 0, log[-6000:]
+    (out / "torchrun.log").write_text(log)
     return out
+
+
+def _rows(run_dir: Path) -> list[dict[str, Any]]:
+    """The measured rows (not the state check ``close()`` adds after the last step)."""
+    return [r for r in read_metrics(run_dir) if not r.get("final_check")]
+
+
+def _assert_finalized(run_dir: Path, client: str) -> dict[str, Any]:
+    """The monitor left a finished run record: run.json ok, with the verdict over every row."""
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "ok" and run["client"] == client and run["world_size"] == 2, run.get("reason")
+    assert run["steps_kept"] == len(read_metrics(run_dir)) and run["verdict"]["headline"], run
+    assert len(run["ranks"]) == 2 and run["launcher"]["kind"] in ("torchrun", "accelerate")
+    return run
+
+
+def _assert_report_renders(run_dirs: list[Path], out: Path) -> None:
+    """``testbed report`` on the records, all at once (same names: told apart by their paths)."""
+    assert cli_main(["report", *map(str, run_dirs), "--out", str(out)]) == 0
+    page = (out / "index.html").read_text()
+    assert len(set(json.loads((out / "report.json").read_text())["runs"][i]["label"]
+                   for i in range(len(run_dirs)))) == len(run_dirs)
+    assert "verdict" in page.lower()
 
 
 @pytest.fixture(scope="session")
@@ -89,12 +114,15 @@ def test_every_documented_snippet_has_a_harness() -> None:
 
 
 @pytest.mark.timeout(600)
-def test_plain_loop_fsdp2_and_accelerate_snippets_run_as_written(loops_run: Path) -> None:
+def test_plain_loop_fsdp2_and_accelerate_snippets_run_as_written(loops_run: Path, tmp_path: Path) -> None:
     out = loops_run
     assert _blocks("fsdp2")
+    records = []
     for block in _blocks("plain") + _blocks("fsdp2") + _blocks("accelerate"):
         d = out / block["id"]
-        rows = read_metrics(d / "runs" / "mine")
+        records.append(d / "runs" / "mine")
+        _assert_finalized(records[-1], "attach")
+        rows = _rows(d / "runs" / "mine")
         assert [r["step"] for r in rows] == list(range(len(rows))) and rows, block["id"]
         _assert_losses(rows, _expected(d))
         if len(rows) == 6:  # one forward per step: the first two steps have zero gradients
@@ -109,6 +137,7 @@ def test_plain_loop_fsdp2_and_accelerate_snippets_run_as_written(loops_run: Path
             "testbed_loss_rank1:testbed/loss"} <= tags, sorted(tags)
     alarms = [e for e in read_jsonl(mine / "events.jsonl") if e["event"] == "alarm"]
     assert [(e["kind"], e["step"]) for e in alarms] == [("my_check", 5)]
+    _assert_report_renders(records, tmp_path / "report")
 
 
 @pytest.mark.timeout(600)
@@ -118,16 +147,22 @@ def test_trainer_snippet_classifier_loss_global_step_and_tensorboard(tmp_path: P
     out = _launch("trainer,gpt2", tmp_path)
     (block,) = _blocks("trainer")
     d = out / block["id"]
-    rows = read_metrics(d / "runs" / "mine")
+    rows = _rows(d / "runs" / "mine")
     assert [(r["step"], r["global_step"]) for r in rows] == [(0, 1), (1, 2), (2, 3)]
+    assert [("weights_in_sync" in r) for r in rows] == [True, False, True]  # step 0, and the last (max_steps)
     _assert_losses(rows, _expected(d))  # the classifier's own mean loss, not x num_items / shifted count
+    _assert_finalized(d / "runs" / "mine", "hf_trainer")
+    _assert_report_renders([d / "runs" / "mine"], tmp_path / "report")
+    log = (out / "torchrun.log").read_text()
+    assert "'train/loss'" in log or "'loss'" in log  # the Trainer's console still prints its own logs ...
+    assert "'testbed/" not in log  # ... but not ~16 testbed values per step (logging_steps=1)
     tags = _scalar_tags(d / "trainer" / "runs")
     tags = {t.split(":", 1)[-1] for t in tags}
     assert {"train/testbed/cos_min", "train/testbed/global_loss", "train/testbed/cos_to_mean/rank0",
             "train/testbed/loss/rank1", "train/testbed/grad_norm/rank0", "train/loss"} <= tags, sorted(tags)
 
     gpt2 = out / "gpt2"
-    rows = read_metrics(gpt2 / "runs")
+    rows = _rows(gpt2 / "runs")
     assert [r["global_step"] for r in rows] == [1, 2, 3]
     expected = _expected(gpt2)
     assert all(e["rogue_forwards"] == 3 for e in expected)  # the other callback's forwards ran, uncounted
@@ -135,12 +170,14 @@ def test_trainer_snippet_classifier_loss_global_step_and_tensorboard(tmp_path: P
 
 
 @pytest.mark.timeout(600)
-def test_lightning_callback_snippet(loops_run: Path) -> None:
+def test_lightning_callback_snippet(loops_run: Path, tmp_path: Path) -> None:
     out = loops_run
     (block,) = _blocks("lightning")
     d = out / block["id"]
-    rows = read_metrics(d / "runs" / "mine")
+    rows = _rows(d / "runs" / "mine")
     assert [(r["step"], r["global_step"]) for r in rows] == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    _assert_finalized(d / "runs" / "mine", "lightning")
+    _assert_report_renders([d / "runs" / "mine"], tmp_path / "report")
     _assert_losses(rows, _expected(d), rtol=1e-12)  # accumulate_grad_batches=2: Lightning's /2 undone
     assert all(r["noise_scale"] is not None or r["flags"] for r in rows)
     tags = {t.split(":", 1)[-1] for t in _scalar_tags(d / "lightning_logs")}

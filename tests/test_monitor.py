@@ -38,6 +38,9 @@ def test_plain_ddp_loop_records_the_runners_metrics(mlp_runner_record, tmp_path)
     # Same weights, batches and arithmetic as the runner: equal to the last bit in practice.
     assert_rows_close(rows, mlp_runner_record["rows"], METRICS, rtol=1e-12)
     assert [r["weight_checksum"] for r in rows] == [r["weight_checksum"] for r in mlp_runner_record["rows"]]
+    # one step path: the same fields on the same steps (the cadence, the lr, the state check, the flags)
+    assert [sorted(r) for r in rows] == [sorted(r) for r in mlp_runner_record["rows"]]
+    assert [(r["lr"], r["flags"]) for r in rows] == [(r["lr"], r["flags"]) for r in mlp_runner_record["rows"]]
 
 
 @pytest.mark.timeout(500)
@@ -51,9 +54,17 @@ def test_trainer_callback_records_the_runners_metrics(hf_runner_record, tiny_hf,
     assert_rows_close(rows, hf_runner_record["rows"], METRICS, rtol=1e-5, atol=1e-7)
 
 
-def test_attach_needs_a_ddp_model():
-    with pytest.raises(TypeError, match="DistributedDataParallel"):
+def test_attach_says_what_is_wrong_with_one_process_or_an_unwrapped_model():
+    """``accelerate launch --cpu`` starts one process: no process group, a plain model. The error must
+    say that, not only that the model is not a DDP model (issue 21)."""
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialised - this is a single process"):
         testbed.attach(torch.nn.Linear(2, 2))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(RuntimeError, match=r"only one process \(world size 1\), and the model is a plain Linear"):
+            testbed.attach(torch.nn.Linear(2, 2))
+    finally:
+        dist.destroy_process_group()
 
 
 def test_monitor_measures_every_kth_step_and_closes_its_file(tmp_path):
@@ -72,7 +83,7 @@ def test_monitor_measures_every_kth_step_and_closes_its_file(tmp_path):
                 optimizer.step()
                 optimizer.zero_grad()
                 rows.append(monitor.step(loss))
-        assert monitor.writer is None
+        assert monitor.path.sinks == []  # files closed
     finally:
         dist.destroy_process_group()
     assert rows[1] is None and rows[3] is None  # odd steps unmeasured, no weight check due
@@ -112,7 +123,7 @@ def test_exit_handler_joins_gloo_threads(script_destroys, tmp_path):
         dist.destroy_process_group()
         assert _gloo_thread_count() > before  # destroy_process_group alone does not join them
     teardown.at_exit()
-    assert not dist.is_initialized() and monitor.writer is None
+    assert not dist.is_initialized() and monitor.path.sinks == []
     assert _gloo_thread_count() <= before
     assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1]
 
@@ -152,7 +163,7 @@ def test_closed_monitor_lets_go_of_the_model(tmp_path):
         monitor = testbed.attach(model)
         monitor.close()
         monitor.close()  # idempotent
-        assert monitor.ddp is None and monitor.state.acc is None  # disarmed: later backwards only all-reduce
+        assert monitor.model is None and monitor.state.acc is None  # disarmed: later backwards only all-reduce
         model(torch.randn(8, 4)).sum().backward()
         with pytest.raises(RuntimeError, match="closed"):
             monitor.step(0.0)

@@ -86,7 +86,9 @@ def test_alarms_reach_the_file_the_logger_tensorboard_and_listeners(one_rank: No
             event = monitor.alarm("drift", "rank 0 drifts", ranks=[0], p_value=0.001)
     assert [(e["kind"], e["step"]) for e in heard] == [("nonfinite", 1), ("drift", 2)]
     assert event["p_value"] == 0.001 and event["ranks"] == [0] and len(rows) == 3
-    assert [e["kind"] for e in read_jsonl(tmp_path / "events.jsonl")] == ["nonfinite", "drift"]
+    events = read_jsonl(tmp_path / "events.jsonl")  # the runner's per-rank non-finite events, and the alarms
+    assert [(e["event"], e.get("kind"), e["step"]) for e in events] == [
+        ("nonfinite_loss", None, 1), ("alarm", "nonfinite", 1), ("nonfinite_loss", None, 2), ("alarm", "drift", 2)]
     assert "testbed alarm at step 2: drift: rank 0 drifts" in caplog.text
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
@@ -164,7 +166,7 @@ def test_the_online_consistency_test_alarms_on_an_offset_rank_and_not_on_exchang
     above the others raise ``inconsistent`` alarms naming rank 3 and no other; exchangeable rows raise none."""
     import numpy as np
 
-    from testbed.diagnose.sequential import SequentialTest
+    from testbed.engine.alarms import BuiltinAlarms
 
     def rows(offset: float, seed: int) -> list[dict[str, Any]]:
         rng = np.random.default_rng(seed)
@@ -180,11 +182,12 @@ def test_the_online_consistency_test_alarms_on_an_offset_rank_and_not_on_exchang
     for offset, seed in ((0.0, 1), (0.0, 2), (0.10, 3)):
         model, _ = _model()  # a DDP model takes one comm hook: a fresh one per monitor
         with testbed.attach(model) as monitor:
-            monitor.sequential = SequentialTest(4, 0.01)  # the rows below come from 4 simulated ranks
+            monitor.path.alarms = BuiltinAlarms(4, 0.01)  # the rows below come from 4 simulated ranks
             heard: list[dict[str, Any]] = []
             monitor.on_alarm.append(heard.append)
             for row in rows(offset, seed):
-                monitor._builtin_alarms(row)
+                for found in monitor.path.alarms.check(row):
+                    monitor.alarm(found.kind, found.message, step=found.step, ranks=found.ranks, **found.details)
         if offset == 0:
             assert heard == []
         else:
@@ -192,3 +195,4 @@ def test_the_online_consistency_test_alarms_on_an_offset_rank_and_not_on_exchang
             assert {e["kind"] for e in heard} == {"inconsistent"} and heard[-1]["ranks"] == [3]
             assert all(set(e["ranks"]) <= {3} and e["metric"] == "loss" for e in heard)
             assert heard[0]["step"] < 40 and heard[0]["e_value"] >= 100
+            assert "rank 3's loss is higher than the others'" in heard[0]["message"]

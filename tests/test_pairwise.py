@@ -76,10 +76,14 @@ class LiveBytes(TorchDispatchMode):
 class FakeBucket:
     """The parts of ``dist.GradBucket`` the hook uses, for one slice of the flat gradient."""
 
-    def __init__(self, local: torch.Tensor):
+    def __init__(self, local: torch.Tensor, index: int = 0):
         self._buffer = local.clone()
         self._param = torch.nn.Parameter(torch.zeros_like(local))
         self._param.grad = local.clone()  # DDP's default mode: .grad keeps the local gradient
+        self._index = index
+
+    def index(self) -> int:  # the hook counts backward passes at bucket 0
+        return self._index
 
     def buffer(self) -> torch.Tensor:
         return self._buffer

@@ -2,10 +2,16 @@
 displays, a sweep's level lines, and a real 200-step run that prints progress lines while it runs."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import json
 import os
+import pty
 import re
+import select
+import struct
+import termios
 import signal
 import subprocess
 import sys
@@ -49,15 +55,67 @@ def test_tail_ignores_a_previous_runs_files_and_reads_whole_lines(tmp_path: Path
     assert tail.poll().steps_done == 4
 
 
-def test_terminal_bar_is_redrawn_in_place_and_plain_lines_are_periodic() -> None:
+class Pty:
+    """A real pseudo-terminal: ``slave`` is what a program writes to, ``read()`` what a person sees.
+    ``size``: (columns, rows) set on the terminal, or None to leave it unset (0 x 0: ``script``
+    without a terminal, ``docker run -t``, ``pty.openpty()``)."""
+
+    def __init__(self, size: tuple[int, int] | None = None):
+        self.master, self.slave_fd = pty.openpty()
+        if size is not None:
+            fcntl.ioctl(self.slave_fd, termios.TIOCSWINSZ, struct.pack("HHHH", size[1], size[0], 0, 0))
+        self.slave = os.fdopen(self.slave_fd, "w", encoding="utf-8", closefd=False)
+        self.seen = b""
+
+    def read(self) -> str:
+        while select.select([self.master], [], [], 0.05)[0]:
+            try:
+                chunk = os.read(self.master, 65536)
+            except OSError:  # EIO: the last writer closed the terminal
+                break
+            if not chunk:
+                break
+            self.seen += chunk
+        return self.seen.decode("utf-8", "replace")
+
+    def close(self) -> None:
+        self.slave.close()
+        for fd in (self.slave_fd, self.master):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _snapshot() -> Snapshot:
     s = Snapshot(steps_done=50, global_loss=1.23456, cos_min=0.81234, weights_in_sync=False)
     s.recent.extend([0.1, 0.2])
-    tty = io.StringIO()
-    bar = ProgressDisplay(200, stream=tty, tty=True)
-    bar.update(s)
-    bar.close()
-    assert "\r" in tty.getvalue() and "50/200" in tty.getvalue()
-    assert "0.150 s/step, ETA 23 s | global_loss 1.235 cos_min 0.8123 | weights DIVERGED" in tty.getvalue()
+    return s
+
+
+@pytest.mark.parametrize("size,expected", [
+    (None, "50/200, ETA 23s loss 1.23 cos_min 0.812 DIVERGED"),  # no window size: assumed 100 columns
+    ((160, 40), "50/200, 0.150 s/step, ETA 23 s | global_loss 1.235 cos_min 0.8123 | weights DIVERGED"),
+    ((60, 20), "testbed 50/200, ETA 23s loss 1.23 cos_min 0.812 DIVERGED"),  # narrow: no bar graphic
+])
+def test_the_bar_is_drawn_on_a_real_pty_of_any_size(size: tuple[int, int] | None, expected: str) -> None:
+    """Issue 21: on a pty whose window size was never set, tqdm took 0 - 1 columns and rows and
+    drew nothing. The display is asked through a real terminal here, not a fake stream."""
+    term = Pty(size)
+    try:
+        bar = ProgressDisplay(200, stream=term.slave)
+        assert bar.tty
+        bar.update(_snapshot())
+        bar.close()
+        term.slave.flush()
+        seen = term.read()
+    finally:
+        term.close()
+    assert "\r" in seen and expected in seen, repr(seen)
+    width = size[0] if size else 100
+    assert all(len(part) <= width for part in seen.replace("\n", "\r").split("\r")), repr(seen)
+
+
+def test_plain_lines_are_periodic_when_not_a_terminal() -> None:
+    s = _snapshot()
     plain = io.StringIO()
     lines = ProgressDisplay(200, stream=plain, tty=False, every_s=3600.0)
     lines.update(s)  # not yet due
@@ -70,23 +128,39 @@ def test_terminal_bar_is_redrawn_in_place_and_plain_lines_are_periodic() -> None
 
 
 def test_sweep_shows_each_levels_progress_and_the_levels_done(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    term: Pty | None = None
+
     def fake_launch(scenario: Any, out_dir: Path) -> runner.RunResult:
         out_dir.mkdir(parents=True, exist_ok=True)
         for step in range(scenario.steps):
             _append(out_dir / "timing.jsonl", {"step": step, "seconds": 0.01})
             time.sleep(0.05)
+            deadline = time.monotonic() + 60
+            while term is not None and step == 2 and f" 3/6, ETA" not in term.read()[-300:]:
+                assert time.monotonic() < deadline, "the terminal never showed step 3/6"
+                time.sleep(0.02)  # the level goes on once its mid-run state was drawn (no race)
         return runner.RunResult(out_dir, "ok", wall_time_s=0.1)
 
     monkeypatch.setattr(runner, "launch", fake_launch)
     path = tmp_path / "ladder.toml"
     path.write_text(toml_document(tiny(steps=6, sweep={"parameter": "optim.lr", "values": [0.1, 0.2]})))
-    stream = io.StringIO()
-    _, _, status = run_sweep(path, tmp_path / "out", stream=stream, every_s=0.0)
-    text = stream.getvalue()
+    plain = io.StringIO()  # a pipe or a CI log: a plain line per level and per progress tick
+    _, _, status = run_sweep(path, tmp_path / "out", stream=plain, every_s=0.0)
+    text = plain.getvalue()
     assert list(status.values()) == ["ok", "ok"]
     assert "level 1/2 '0.1': ok in 0.1 s (levels done: 1/2)" in text
     assert "level 2/2 '0.2': ok in 0.1 s (levels done: 2/2)" in text
     assert re.search(r"level 2/2 '0.2': step [1-6]/6 \|", text), text
+    term = Pty()  # a real terminal without a window size: each level's bar is redrawn in place
+    try:
+        run_sweep(path, tmp_path / "out-tty", stream=term.slave, every_s=0.0)
+        term.slave.flush()
+        seen = term.read()
+    finally:
+        term.close()
+    assert re.search(r"\rlevel 1/2 '0.1' [^\r]* 3/6, ETA", seen), repr(seen)  # drawn mid-level
+    assert re.search(r"\rlevel 2/2 '0.2' [^\r]* 3/6, ETA", seen), repr(seen)
+    assert "level 2/2 '0.2': ok in 0.1 s (levels done: 2/2)" in seen
 
 
 @pytest.mark.timeout(300)
@@ -124,3 +198,34 @@ def test_testbed_run_prints_progress_lines_while_it_runs(tmp_path: Path) -> None
     mid_run = [p for p in progress if p[1] < 200 and p[0] < done_at]
     assert len(mid_run) >= 2, text[-4000:]
     assert [p[1] for p in progress] == sorted(p[1] for p in progress)
+
+
+@pytest.mark.timeout(300)
+def test_testbed_run_draws_live_progress_on_a_real_pty(tmp_path: Path) -> None:
+    """Issue 21: ``testbed run`` on a pseudo-terminal without a window size (``script -q -c`` from a
+    pipe, ``docker run -t``) printed nothing between its first line and the verdict. The whole CLI
+    runs here with stdin, stdout and stderr on a real pty; the bar must be redrawn mid-run."""
+    scenario = tmp_path / "long.toml"
+    scenario.write_text(toml_document(tiny(name="long", steps=200, timeout_s=240.0, metrics={"weight_check_every": 10},
+                                           perturbations=[{"kind": "straggler", "ranks": [1], "delay_s": 0.01}])))
+    term = Pty()
+    proc = subprocess.Popen([sys.executable, "-m", "testbed", "run", str(scenario), "--out", str(tmp_path / "run")],
+                            cwd=REPO, stdin=term.slave_fd, stdout=term.slave_fd, stderr=term.slave_fd,
+                            start_new_session=True)
+    seen = ""
+    try:
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline:
+            seen = term.read()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            pytest.fail("testbed run did not finish in 240 s:\n" + seen[-4000:])
+        seen = term.read()
+    finally:
+        term.close()
+    assert proc.returncode == 0, seen[-4000:]
+    before_verdict = seen[:seen.index("verdict:")]
+    drawn = [int(m.group(1)) for m in re.finditer(r"\rtestbed [^\r\n]*?(\d+)/200, ETA", before_verdict)]
+    assert any(0 < k < 200 for k in drawn), repr(before_verdict[-2000:])
+    assert drawn == sorted(drawn)

@@ -92,6 +92,13 @@ class SequentialTest:
     def e_value(self) -> float:
         return math.exp(float(self.bets.log_e[0, 0])) if self.bets is not None else 1.0
 
+    def deviation(self, metric: str, rank: int) -> float:
+        """Rank ``rank``'s mean standardized deviation in ``metric`` over the run so far (positive:
+        above the other ranks) - which way the evidence points; 0.0 before any step."""
+        if self.bets is None or metric not in self.metrics:
+            return 0.0
+        return float(self.bets.total.mean()[0, self.metrics.index(metric), rank])
+
     def update(self, row: Row) -> Alarm | None:
         step = int(row.get("step", -1))
         new = self._exact_rules(row, step)

@@ -19,6 +19,7 @@ from testbed.diagnose.verdict import verdict_record
 from testbed.record.files import (EVENTS_FILE, METRICS_FILE, RUN_FILE, TIMING_FILE, dumps, environment,
                                   read_jsonl, repair_jsonl, write_json_atomic)
 from testbed.scenario.spec import Scenario
+from testbed.schema import event as E
 
 # What a previous run in the same directory may have left; removed so it cannot mix with this one.
 STALE_RECORD = (METRICS_FILE, EVENTS_FILE, TIMING_FILE, "ranks/rank*.json", "ranks/rank*.stack",
@@ -63,7 +64,7 @@ def finish_record(out_dir: Path, run: dict[str, Any], result: Any) -> None:
             continue
     if result.status != "ok" and (note := disk_note(out_dir)):
         result.reason = f"{result.reason} ({note})"
-    bad = [e for e in _rows(out_dir / EVENTS_FILE) if str(e.get("event", "")).startswith("nonfinite")]
+    bad = [e for e in _rows(out_dir / EVENTS_FILE) if e.get(E.EVENT) in E.NONFINITE_EVENTS]
     run.update({
         "status": result.status,
         "reason": result.reason,
@@ -75,8 +76,10 @@ def finish_record(out_dir: Path, run: dict[str, Any], result: Any) -> None:
         "nonfinite": {"count": len(bad), "first": bad[0] if bad else None},
         "steps_kept": len(_rows(out_dir / METRICS_FILE)),
         "torn_bytes_removed": torn,
-        # over the completed steps, also of a failed run (docs/diagnosis.md)
-        "verdict": verdict_record(_rows(out_dir / METRICS_FILE), world_size=run.get("scenario", {}).get("world_size")),
+        # over the completed steps, also of a failed run (docs/diagnosis.md); a monitored loop's
+        # record has no scenario, its world size is top-level
+        "verdict": verdict_record(_rows(out_dir / METRICS_FILE),
+                                  world_size=run.get("world_size") or run.get("scenario", {}).get("world_size")),
     })
     _write_final(out_dir / RUN_FILE, run)
 

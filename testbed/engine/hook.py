@@ -61,6 +61,9 @@ class ConsistencyState:
     keep_local: bool = False  # self-check: keep every local bucket (test / debugging only)
     local_buckets: list[torch.Tensor] = field(default_factory=list)
     always_slices: bool = False  # FSDP2: every measured step takes the all-to-all path (engine.fsdp)
+    sync_backwards: int = 0  # synchronising backward passes since begin_step (DDP; 0 under FSDP2)
+    # called with sync_backwards when a second one begins before the step is closed (engine/checkin.py)
+    on_extra_backward: Callable[[int], None] | None = None
 
     def begin_step(self, measure: bool, pairwise: bool = False, grad_transforms: list[GradTransform] | None = None,
                    generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> None:
@@ -70,6 +73,13 @@ class ConsistencyState:
         self.grad_transforms = list(grad_transforms or [])
         self.generator = generator
         self.local_buckets = []
+        self.sync_backwards = 0
+
+    def count_backward(self) -> None:
+        """A synchronising backward begins (its first bucket is ready)."""
+        self.sync_backwards += 1
+        if self.sync_backwards > 1 and self.on_extra_backward is not None:
+            self.on_extra_backward(self.sync_backwards)
 
 
 # ``all_gather_single`` is the newer name (torch ≥ 2.13 deprecates the old one, which 2.4 still needs).
@@ -122,6 +132,8 @@ def consistency_hook(state: ConsistencyState, bucket: dist.GradBucket) -> torch.
     holds this rank's ``‖g_i‖²`` / ``g_i·ḡ`` over the all-reduced buckets and its share of ``G``
     over the all-to-all ones (``engine.gather`` combines them)."""
     buf = bucket.buffer()
+    if bucket.index() == 0:  # DDP hooks buckets in index order: a new backward pass begins
+        state.count_backward()
     for transform in state.grad_transforms:
         transform(buf, state.generator or torch.Generator())
     acc = state.acc

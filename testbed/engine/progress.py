@@ -7,6 +7,13 @@ whether the weights are in sync. On a terminal a tqdm bar is updated in place; e
 log, a pipe) a plain line is printed every ``every_s`` seconds. Nothing here touches the ranks or
 the launcher's exit and timeout logic: it only reads files.
 
+The bar's size is ours, not tqdm's: a pseudo-terminal whose window size was never set (``script``
+without a terminal, ``docker run -t``, CI runners and editors that allocate a pty, Python's
+``pty.openpty()``) reports 0 columns and 0 rows; tqdm takes them as ``0 - 1``, finds its bar
+"below the last row" and draws nothing at all between the first line and the verdict. An unknown
+width is taken as ``$COLUMNS`` or 100 and an unknown height as 20, and a narrow terminal gets the
+short form of the line (no bar graphic) instead of a cut one.
+
 A run directory may hold a previous run's files until the launcher removes them; a file that
 existed, unchanged, when the watch began is ignored until it is replaced.
 """
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import threading
 import time
@@ -24,10 +32,14 @@ from typing import Any, Iterator, TextIO
 
 from tqdm import tqdm
 
-from testbed.record.files import METRICS_FILE
+from testbed.record.files import METRICS_FILE, TIMING_FILE
+from testbed.schema import row as R
 
-TIMING_FILE = "timing.jsonl"
 RECENT_STEPS = 20  # s/step is the mean of the last this-many steps
+UNKNOWN_WIDTH = 100  # columns assumed for a terminal that reports none (and no $COLUMNS)
+UNKNOWN_ROWS = 20  # rows assumed for a terminal that reports none
+BAR_FORMAT = "{desc} {bar:20} {n_fmt}/{total_fmt}{postfix}"
+SHORT_FORMAT = "{desc} {n_fmt}/{total_fmt}{postfix}"
 
 
 class _Tail:
@@ -90,14 +102,14 @@ class RunTail:
     def poll(self) -> Snapshot:
         s = self.snapshot
         for t in self.timing.read():
-            s.steps_done = max(s.steps_done, int(t.get("step", -1)) + 1)
+            s.steps_done = max(s.steps_done, int(t.get(R.STEP, -1)) + 1)
             if isinstance(t.get("seconds"), (int, float)):
                 s.recent.append(float(t["seconds"]))
         for row in self.metrics.read():
-            s.global_loss = row.get("global_loss", s.global_loss)
-            s.cos_min = row.get("cos_min", s.cos_min)
-            if isinstance(row.get("weights_in_sync"), bool):
-                s.weights_in_sync = row["weights_in_sync"]
+            s.global_loss = row.get(R.GLOBAL_LOSS, s.global_loss)
+            s.cos_min = row.get(R.COS_MIN, s.cos_min)
+            if isinstance(row.get(R.WEIGHTS_IN_SYNC), bool):
+                s.weights_in_sync = row[R.WEIGHTS_IN_SYNC]
         return s
 
 
@@ -114,6 +126,29 @@ def describe(s: Snapshot, total: int) -> str:
             f"| {sync}")
 
 
+def describe_short(s: Snapshot, total: int) -> str:
+    """The same facts in fewer columns, for a narrow terminal."""
+    sps = s.seconds_per_step
+    eta = f"ETA {sps * max(total - s.steps_done, 0):.0f}s" if sps is not None else "ETA -"
+    sync = {None: "", True: " sync", False: " DIVERGED"}[s.weights_in_sync]
+    return f"{eta} loss {_num(s.global_loss, '.3g')} cos_min {_num(s.cos_min, '.3g')}{sync}"
+
+
+def terminal_size(stream: TextIO) -> tuple[int, int]:
+    """(columns, rows) of the stream's terminal; for a size it reports as 0 (a pty whose window
+    size was never set) or cannot be asked: ``$COLUMNS`` or UNKNOWN_WIDTH columns, UNKNOWN_ROWS rows."""
+    try:
+        columns, rows = os.get_terminal_size(stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        columns, rows = 0, 0
+    if columns <= 0:
+        try:
+            columns = int(os.environ.get("COLUMNS", "")) or UNKNOWN_WIDTH
+        except ValueError:
+            columns = UNKNOWN_WIDTH
+    return columns, rows if rows > 0 else UNKNOWN_ROWS
+
+
 class ProgressDisplay:
     """A tqdm bar redrawn in place on a terminal; a plain line every ``every_s`` seconds elsewhere."""
 
@@ -123,15 +158,18 @@ class ProgressDisplay:
         self.total, self.every_s, self.label = max(total, 1), every_s, label
         self.tty = self.stream.isatty() if tty is None else tty
         self.last_line, self.last_steps = time.monotonic(), -1
-        self.last_drawn: tuple[int, str] | None = None
+        self.last_drawn: tuple[int, str, int] | None = None
         self.bar: Any = tqdm(total=self.total, file=self.stream, desc=label or "testbed", unit="step", leave=True,
-                             bar_format="{desc} {bar:20} {n_fmt}/{total_fmt}{postfix}") if self.tty else None
+                             bar_format=BAR_FORMAT, ncols=terminal_size(self.stream)[0],
+                             nrows=terminal_size(self.stream)[1]) if self.tty else None
 
     def update(self, s: Snapshot) -> None:
         if self.bar is not None:
-            text = describe(s, self.total)
-            if (s.steps_done, text) != self.last_drawn:  # redraw on news only
-                self.last_drawn = (s.steps_done, text)
+            width, height = terminal_size(self.stream)  # asked every time: the terminal may be resized
+            text, form = self._fit(s, width)
+            if (s.steps_done, text, width) != self.last_drawn:  # redraw on news only
+                self.last_drawn = (s.steps_done, text, width)
+                self.bar.ncols, self.bar.nrows, self.bar.bar_format = width, height, form
                 self.bar.n = min(s.steps_done, self.total)
                 self.bar.set_postfix_str(text, refresh=True)
             return
@@ -139,6 +177,15 @@ class ProgressDisplay:
         if now - self.last_line >= self.every_s and s.steps_done != self.last_steps:
             self.line(f"step {s.steps_done}/{self.total} | {describe(s, self.total)}")
             self.last_line, self.last_steps = now, s.steps_done
+
+    def _fit(self, s: Snapshot, width: int) -> tuple[str, str]:
+        """The longest form of the line that fits: bar + full text, bar + short text, short text."""
+        counts = len(self.bar.desc or "") + len(f" {self.total}/{self.total}, ")
+        full, short = describe(s, self.total), describe_short(s, self.total)
+        for text, form, bar in ((full, BAR_FORMAT, 21), (short, BAR_FORMAT, 21), (short, SHORT_FORMAT, 0)):
+            if counts + bar + len(text) < width:
+                return text, form
+        return short, SHORT_FORMAT  # tqdm trims the tail
 
     def line(self, text: str) -> None:
         """A line that stays (printed above the bar on a terminal)."""

@@ -92,11 +92,16 @@ def register(ddp_model: Any, monitor: Any) -> None:
 
 
 def at_exit() -> None:
-    """The ``atexit`` handler: close the monitors still open, then :func:`release_gloo` for every
-    attached DDP model still alive."""
+    """The ``atexit`` handler: end the monitors still open - as failed when an exception ended the
+    script (the interpreter sets ``sys.last_value`` before it runs ``atexit``), else as closed - then
+    :func:`release_gloo` for every attached DDP model still alive."""
     try:
+        failure = getattr(sys, "last_value", None)
         for monitor in list(_monitors):
-            monitor.close()
+            if isinstance(failure, BaseException):
+                monitor.fail(failure)
+            else:
+                monitor.close()
             monitor.state.process_group = None  # an explicit group passed to attach()
         release_gloo(list(_attached))
     except Exception as e:  # noqa: BLE001 - never turn a finished job's exit into a traceback

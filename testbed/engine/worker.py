@@ -11,7 +11,7 @@ import datetime
 import random
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +26,12 @@ from testbed.engine import fsdp
 from testbed.workloads.data import ShardedSampler
 from testbed.workloads.optim import build_scheduler
 from testbed.engine.hook import ConsistencyState, install
-from testbed.engine.gather import gather_row, weight_sync
-from testbed.metrics.step import NoiseScaleEMA, brute_force
+from testbed.engine.sinks import JsonlSink
+from testbed.engine.step_path import NonFiniteStop, StepPath
 from testbed.perturb.perturbations import StepPlan, derive_seed
-from testbed.record.files import EVENTS_FILE, METRICS_FILE, JsonlWriter, write_json_atomic
+from testbed.record.files import TIMING_FILE, JsonlWriter, write_json_atomic
+from testbed.schema.row import Row
+from testbed.schema import row as R
 from testbed.scenario.tables import DATASETS, MODELS, OPTIMIZERS, PERTURBATIONS
 from testbed.scenario.spec import Scenario
 
@@ -39,15 +41,8 @@ PHASE_START, PHASE_COMPUTE, PHASE_SYNC, PHASE_DONE = range(4)
 PHASES = 4
 
 
-class NonFiniteStop(RuntimeError):
-    """Raised on every rank when a non-finite value appears and the scenario says stop.
-
-    ``ranks`` are the flagged ranks (not the raising one), so the launcher blames the right rank.
-    """
-
-    def __init__(self, message: str, ranks: list[int] | None = None):
-        super().__init__(message)
-        self.ranks = ranks or []
+__all__ = ["NonFiniteStop", "RankContext", "build", "train", "train_step", "make_plan", "seed_everything",
+           "error_report", "write_error_report"]
 
 
 @dataclass
@@ -82,13 +77,10 @@ class _Job:
     sampler: ShardedSampler
     dataset: Any
     base_lrs: list[float]
-    noise: NoiseScaleEMA
+    path: StepPath  # the step's numbers: the same object the drop-in monitor uses
     scheduler: Any = None  # transformers' lr scheduler, or None for a constant lr
     lr: float | None = None  # the schedule's lr of the running step (before a perturbation's lr_scale)
-    metrics_out: JsonlWriter | None = None
-    events_out: JsonlWriter | None = None
     timing_out: JsonlWriter | None = None
-    params: list[torch.nn.Parameter] = field(default_factory=list)
 
 
 def seed_everything(seed: int) -> None:
@@ -131,18 +123,26 @@ def build(scenario: Scenario, ctx: RankContext) -> _Job:
     else:
         ddp = DDP(module, device_ids=[device.index] if device.type != "cpu" else None)
         hook = install(ddp)
-    hook.keep_local = scenario.metrics.self_check
     optimizer = OPTIMIZERS.get(scenario.optim.kind)(ddp.parameters(), **scenario.optim.params)
     job = _Job(scenario, ctx, device, ddp, optimizer, hook,
                ShardedSampler(dataset.size, scenario.world_size, scenario.batch_size), dataset,
-               [g["lr"] for g in optimizer.param_groups], NoiseScaleEMA(scenario.metrics.noise_scale_ema),
-               params=[p for p in ddp.parameters() if p.requires_grad])
+               [g["lr"] for g in optimizer.param_groups], step_path(scenario, ddp, hook, device, ctx))
     job.scheduler = build_scheduler(optimizer, scenario.schedule, scenario.steps)
     if ctx.rank == 0:
-        job.metrics_out = JsonlWriter(ctx.out_dir / METRICS_FILE)
-        job.events_out = JsonlWriter(ctx.out_dir / EVENTS_FILE)
-        job.timing_out = JsonlWriter(ctx.out_dir / "timing.jsonl")
+        job.timing_out = JsonlWriter(ctx.out_dir / TIMING_FILE)
     return job
+
+
+def step_path(scenario: Scenario, model: torch.nn.Module, hook: ConsistencyState, device: torch.device,
+              ctx: RankContext) -> StepPath:
+    """The scenario's step path: its cadence, rank 0's metrics/events files, its non-finite policy.
+    No check-in and no alarms: the launcher watches the ranks itself (progress counters,
+    ``stall_timeout_s``) and the verdict judges the finished record."""
+    s = scenario
+    return StepPath(model, hook, s.metrics.cadence, device=device, batch_size=s.batch_size * s.grad_accum,
+                    noise_scale_ema=s.metrics.noise_scale_ema, last_step=s.steps - 1,
+                    sinks=[JsonlSink(ctx.out_dir)] if ctx.rank == 0 else [], on_nonfinite=s.on_nonfinite,
+                    self_check=s.metrics.self_check)
 
 
 def _autocast(plan: StepPlan, device: torch.device) -> contextlib.AbstractContextManager[Any]:
@@ -160,7 +160,7 @@ def _sync(model: Any, last: bool) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext() if last else model.no_sync()
 
 
-def train_step(job: _Job, step: int) -> dict[str, Any] | None:
+def train_step(job: _Job, step: int) -> Row | None:
     """One optimizer step; returns the metrics row (on every rank) or None if not measured."""
     s, ctx = job.scenario, job.ctx
     plan = make_plan(s, ctx.rank, step)
@@ -172,9 +172,7 @@ def train_step(job: _Job, step: int) -> dict[str, Any] | None:
     for group, lr in zip(job.optimizer.param_groups, lrs):
         group["lr"] = lr * plan.lr_scale
     job.lr = lrs[0]
-    measure = step % s.metrics.every == 0 or step == s.steps - 1
-    pairwise = s.metrics.pairwise_every > 0 and step % s.metrics.pairwise_every == 0
-    job.hook.begin_step(measure, pairwise, plan.grad_transforms, plan.generator("grad"), job.device)
+    job.path.begin(step, plan.grad_transforms, plan.generator("grad"))
     ctx.mark(step, PHASE_COMPUTE)
     local_loss = torch.zeros((), dtype=torch.float64, device=job.device)
     for micro in range(s.grad_accum):
@@ -196,53 +194,9 @@ def train_step(job: _Job, step: int) -> dict[str, Any] | None:
     job.optimizer.zero_grad(set_to_none=True)
     if job.scheduler is not None:
         job.scheduler.step()  # closed form (LambdaLR): the lr_scale set above does not feed back
-    row = gather_metrics(job, step, local_loss, measure, pairwise)
+    row = job.path.end(step, local_loss, lr=job.lr)  # rank 0's sinks write it (metrics.jsonl)
     ctx.mark(step, PHASE_DONE)
     return row
-
-
-def gather_metrics(job: _Job, step: int, local_loss: torch.Tensor, measure: bool, pairwise: bool) -> dict[str, Any] | None:
-    """The step's row (one small all-gather, ``engine.gather``), the weight check when due, flags."""
-    s = job.scenario
-    check_weights = s.metrics.weight_check_every > 0 and ((step + 1) % s.metrics.weight_check_every == 0
-                                                          or step == s.steps - 1)
-    if not (measure or check_weights):
-        return None
-    row = gather_row(job.hook.acc, local_loss, step=step, measure=measure, device=job.device,
-                     world_size=s.world_size, batch_size=s.batch_size * s.grad_accum, noise=job.noise,
-                     pairwise=pairwise)
-    row["lr"] = job.lr
-    if check_weights:
-        sharded = fsdp.is_sharded(job.ddp)
-        row.update(weight_sync(fsdp.local_shards(job.params) if sharded else job.params, s.world_size,
-                               sharded=sharded))
-    if s.metrics.self_check and measure:
-        row["self_check"] = _self_check(job)
-    _handle_nonfinite(job, step, row)
-    return row
-
-
-def _self_check(job: _Job) -> dict[str, Any]:
-    """Test/debug only: all-gather the full local gradients and compute the metrics directly."""
-    local = torch.cat([b.reshape(-1) for b in job.hook.local_buckets]).double()
-    gathered = [torch.empty_like(local) for _ in range(job.scenario.world_size)]
-    dist.all_gather(gathered, local)
-    return brute_force(torch.stack(gathered).cpu().numpy())
-
-
-def _handle_nonfinite(job: _Job, step: int, row: dict[str, Any]) -> None:
-    bad = [f for f in row.get("flags", []) if f["kind"].startswith("nonfinite")]
-    if not bad:
-        return
-    if job.events_out is not None:
-        for flag in bad:
-            job.events_out.write({"step": step, "event": flag["kind"], "rank": flag["rank"]})
-    if job.scenario.on_nonfinite == "stop":
-        if job.metrics_out is not None:
-            job.metrics_out.write(row)
-        what = ", ".join(f"{f['kind']} on rank {f['rank']}" for f in bad)
-        ranks = sorted({f["rank"] for f in bad if f["rank"] is not None})
-        raise NonFiniteStop(f"non-finite values at step {step}: {what} (on_nonfinite = 'stop')", ranks)
 
 
 def train(scenario: Scenario, ctx: RankContext) -> None:
@@ -252,11 +206,9 @@ def train(scenario: Scenario, ctx: RankContext) -> None:
     try:
         for step in range(scenario.steps):
             t0 = time.perf_counter()
-            row = train_step(job, step)
+            train_step(job, step)
             if job.timing_out is not None:
-                job.timing_out.write({"step": step, "seconds": time.perf_counter() - t0})
-            if row is not None and job.metrics_out is not None:
-                job.metrics_out.write(row)
+                job.timing_out.write({R.STEP: step, "seconds": time.perf_counter() - t0})
         if scenario.metrics.save_weights:
             path = ctx.out_dir / "ranks" / f"rank{ctx.rank}.final.pt"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -267,9 +219,9 @@ def train(scenario: Scenario, ctx: RankContext) -> None:
         ctx.mark(scenario.steps, PHASE_START)  # "past the last step": all work done, only teardown left
         finished = True
     finally:
-        for writer in (job.metrics_out, job.events_out, job.timing_out):
-            if writer is not None:
-                writer.close()
+        job.path.close()
+        if job.timing_out is not None:
+            job.timing_out.close()
         if finished:  # nothing in flight after the barrier: join gloo's threads now, not at
             teardown.release_gloo([job.ddp])  # interpreter finalization (issue 17, engine/teardown.py)
         if dist.is_initialized():  # other backends, or a failure (a join could wait on a dead peer)

@@ -12,10 +12,11 @@ records nothing. A DDP strategy that already has a comm hook refuses a second on
 The per-rank loss is what ``training_step`` returned: Lightning divides it by
 ``accumulate_grad_batches`` for the backward and hands the divided value to
 ``on_train_batch_end``, so the callback multiplies it back, keeps each micro-batch's value and
-records their mean when the optimizer has stepped (``trainer.global_step`` moved). Rows go to
-``out_dir/metrics.jsonl`` (rank 0) and, as ``testbed/...`` scalars, to ``LightningModule.log_dict``
-- so every Lightning logger receives them at its ``log_every_n_steps`` cadence; alarms go to the
-loggers at once. Needs the ``lightning`` extra (``pip install 'testbed[lightning]'``).
+records their mean when the optimizer has stepped (``trainer.global_step`` moved). The record in
+``out_dir`` is the monitor's (run.json with the verdict, finalized at ``on_fit_end``, or as failed
+at ``on_exception``). Rows also go, as ``testbed/...`` scalars, to ``LightningModule.log_dict`` -
+so every Lightning logger receives them at its ``log_every_n_steps`` cadence; alarms go to the
+loggers at once, at the step Lightning logs that row at. Needs the ``lightning`` extra.
 """
 from __future__ import annotations
 
@@ -27,22 +28,65 @@ import lightning.pytorch as pl
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from testbed.integrations.monitor import Monitor, Row, attach
+from testbed.engine.sinks import is_alarm
+from testbed.integrations.monitor import Monitor, attach
 from testbed.integrations.scalars import alarm_values, flat_values
+from testbed.scenario import cadence as cadence_rule
+from testbed.schema import row as R
+from testbed.schema.event import Event
+from testbed.schema.row import Row
+
+
+class LightningLogSink:
+    """Rows to ``log_dict`` (only inside ``on_train_batch_end``, where Lightning allows it), alarms to
+    every logger at the step Lightning logs the current row at (``engine.sinks.Sink``)."""
+
+    def __init__(self, callback: "TestbedLightningCallback"):
+        self.callback = callback
+        self.module: pl.LightningModule | None = None  # set while a batch's row may be logged
+
+    def write_row(self, row: Row) -> None:
+        if self.callback.log and self.module is not None:
+            self.module.log_dict(flat_values(row), on_step=True, on_epoch=False)
+
+    def write_event(self, event: Event) -> None:
+        trainer = self.callback.trainer
+        if not is_alarm(event) or trainer is None:
+            return
+        for logger in trainer.loggers:  # rank 0 only (Lightning)
+            logger.log_metrics(alarm_values(event), step=logging_step(trainer))
+
+    def close(self) -> None:
+        self.module = None
+
+
+def logging_step(trainer: pl.Trainer) -> int:
+    """The step Lightning's logger connector writes this batch's ``log_dict`` values at: the
+    training loop's ``_batches_that_stepped``, which it advances only after logging (so it is
+    ``global_step - 1`` inside ``on_train_batch_end``)."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    return int(getattr(loop, "_batches_that_stepped", max(trainer.global_step - 1, 0)))
 
 
 class TestbedLightningCallback(pl.Callback):
-    """Per-step consistency metrics of a Lightning DDP run (see the module docstring)."""
+    """Per-step consistency metrics of a Lightning DDP run (see the module docstring). The options
+    are ``attach``'s (docs/monitor.md); ``log``: also send the rows to the Lightning loggers."""
 
-    def __init__(self, *, out_dir: str | Path | None = None, every: int = 1, pairwise_every: int = 0,
-                 weight_check_every: int = 0, batch_size: int | None = None, log: bool = True):
-        self.out_dir, self.every, self.batch_size, self.log = out_dir, every, batch_size, log
-        self.pairwise_every, self.weight_check_every = pairwise_every, weight_check_every
+    def __init__(self, *, out_dir: str | Path | None = None, every: int = cadence_rule.EVERY,
+                 pairwise_every: int = cadence_rule.PAIRWISE_EVERY,
+                 weight_check_every: int = cadence_rule.WEIGHT_CHECK_EVERY, batch_size: int | None = None,
+                 alpha: float | None = 0.01, log: bool = True, overwrite: bool = False,
+                 step_timeout_s: float | None = None, name: str | None = None):
+        self.options = dict(out_dir=out_dir, every=every, pairwise_every=pairwise_every,
+                            weight_check_every=weight_check_every, batch_size=batch_size, alpha=alpha,
+                            overwrite=overwrite, step_timeout_s=step_timeout_s, name=name)
+        self.log = log
         self.monitor: Monitor | None = None
         self.rows: list[Row] = []
+        self.trainer: pl.Trainer | None = None
         self._losses: list[torch.Tensor] = []
         self._global_step = 0
-        self._trainer: Any = None
+        self._sink = LightningLogSink(self)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         ddp = trainer.strategy.model
@@ -50,11 +94,10 @@ class TestbedLightningCallback(pl.Callback):
             warnings.warn(f"TestbedLightningCallback: the strategy's model is a {type(ddp).__name__}, not DDP "
                           "(single device, FSDP or DeepSpeed); no consistency metrics are recorded", stacklevel=2)
             return
-        self.monitor = attach(ddp, out_dir=self.out_dir, every=self.every, pairwise_every=self.pairwise_every,
-                              weight_check_every=self.weight_check_every, batch_size=self.batch_size)
-        self.monitor.keep_rows = False  # the callback keeps its own list
-        self.monitor.on_alarm.append(self._log_alarm)
-        self._trainer, self._global_step = trainer, trainer.global_step
+        steps = trainer.max_steps - trainer.global_step if trainer.max_steps and trainer.max_steps > 0 else None
+        self.monitor = attach(ddp, steps=steps, keep_rows=False, _client="lightning", **self.options)
+        self.monitor.path.sinks.append(self._sink)
+        self.trainer, self._global_step = trainer, trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -67,17 +110,18 @@ class TestbedLightningCallback(pl.Callback):
             return  # accumulating: the optimizer has not stepped yet
         self._global_step = trainer.global_step
         losses, self._losses = self._losses or [torch.tensor(float("nan"))], []  # NaN (flagged): no loss seen
-        row = self.monitor.step(losses, extra={"global_step": trainer.global_step})
-        if row is None:
-            return
-        self.rows.append(row)
-        if self.log:
-            pl_module.log_dict(flat_values(row), on_step=True, on_epoch=False)
+        self._sink.module = pl_module
+        try:
+            row = self.monitor.step(losses, extra={R.GLOBAL_STEP: trainer.global_step})
+        finally:
+            self._sink.module = None
+        if row is not None:
+            self.rows.append(row)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.monitor is not None:
             self.monitor.close()
 
-    def _log_alarm(self, event: Row) -> None:
-        for logger in self._trainer.loggers if self._trainer is not None else []:
-            logger.log_metrics(alarm_values(event), step=self._trainer.global_step)  # rank 0 only (Lightning)
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self.monitor is not None:
+            self.monitor.fail(exception)

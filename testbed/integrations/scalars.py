@@ -10,12 +10,15 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+from testbed.schema import event as E
+from testbed.schema import row as R
+
 PREFIX = "testbed/"
 #: one value per step, in the order loggers show them
-SCALARS = ("global_loss", "loss_std", "loss_cv", "grad_norm_std", "grad_norm_cv", "mean_grad_norm", "cos_mean",
-           "cos_min", "noise_scale", "pairwise_cos_mean")
+SCALARS = (R.GLOBAL_LOSS, R.LOSS_STD, R.LOSS_CV, R.GRAD_NORM_STD, R.GRAD_NORM_CV, R.MEAN_GRAD_NORM, R.COS_MEAN,
+           R.COS_MIN, R.NOISE_SCALE, R.PAIRWISE_COS_MEAN)
 #: one value per rank
-PER_RANK = ("loss", "grad_norm", "cos_to_mean")
+PER_RANK = R.PER_RANK
 
 
 def _number(value: Any) -> float | None:
@@ -27,10 +30,10 @@ def _number(value: Any) -> float | None:
 def scalar_values(row: Mapping[str, Any]) -> dict[str, float]:
     """``{metric: value}`` for the row's defined one-per-step values (no prefix)."""
     out = {k: v for k in SCALARS if (v := _number(row.get(k))) is not None}
-    if isinstance(row.get("weights_in_sync"), bool):
-        out["weights_in_sync"] = 1.0 if row["weights_in_sync"] else 0.0
-    if "flags" in row:
-        out["flags"] = float(len(row["flags"] or []))
+    if isinstance(row.get(R.WEIGHTS_IN_SYNC), bool):
+        out[R.WEIGHTS_IN_SYNC] = 1.0 if row[R.WEIGHTS_IN_SYNC] else 0.0
+    if R.FLAGS in row:
+        out[R.FLAGS] = float(len(row[R.FLAGS] or []))
     return out
 
 
@@ -56,4 +59,4 @@ def flat_values(row: Mapping[str, Any], prefix: str = PREFIX) -> dict[str, float
 
 def alarm_values(event: Mapping[str, Any], prefix: str = PREFIX) -> dict[str, float]:
     """An alarm as a logger scalar: ``testbed/alarm/<kind>`` = 1.0 at its step."""
-    return {f"{prefix}alarm/{event.get('kind', 'alarm')}": 1.0}
+    return {f"{prefix}alarm/{event.get(E.KIND, E.ALARM)}": 1.0}

@@ -25,7 +25,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-Row = dict[str, Any]
+from testbed.schema import row as R
+from testbed.schema.row import Flag, Row
+
 GRAM_CHUNK = 1 << 18  # elements per rank per dot-product / Gram chunk (see BucketAccumulator.add_gram)
 GRAM_BLOCK = 1 << 12  # columns per fp32 block product inside a Gram chunk, summed in float64
 
@@ -142,7 +144,11 @@ def _finite(x: float) -> bool:
     return x is not None and math.isfinite(x)
 
 
-def _spread(values: Sequence[float], flag_kind: str, flags: list[Row]) -> tuple[float | None, float | None]:
+def _flag(rank: int | None, kind: str) -> Flag:
+    return {R.FLAG_RANK: rank, R.FLAG_KIND: kind}  # type: ignore[misc]
+
+
+def _spread(values: Sequence[float], flag_kind: str, flags: list[Flag]) -> tuple[float | None, float | None]:
     """Population std and CV (std / |mean|) of finite values; None if any value is non-finite."""
     if not all(_finite(v) for v in values):
         return None, None
@@ -156,7 +162,7 @@ def _spread(values: Sequence[float], flag_kind: str, flags: list[Row]) -> tuple[
     if mean == 0.0:
         if std == 0.0:
             return std, 0.0
-        flags.append({"rank": None, "kind": flag_kind})
+        flags.append(_flag(None, flag_kind))
         return std, None
     return std, std / abs(mean)
 
@@ -166,7 +172,7 @@ def step_metrics(losses: Sequence[float], sq_norms: Sequence[float], dots_with_m
     n = len(losses)
     if not (n == len(sq_norms) == len(dots_with_mean)) or n == 0:
         raise ValueError("losses, sq_norms and dots_with_mean need one entry per rank")
-    flags: list[Row] = []
+    flags: list[Flag] = []
     losses = [float(x) for x in losses]
     sq = [float(x) for x in sq_norms]
     dots = [float(x) for x in dots_with_mean]
@@ -175,47 +181,47 @@ def step_metrics(losses: Sequence[float], sq_norms: Sequence[float], dots_with_m
     local_grads_finite = all(_finite(s) for s in sq)
     for r in range(n):
         if not _finite(losses[r]):
-            flags.append({"rank": r, "kind": "nonfinite_loss"})
+            flags.append(_flag(r, R.NONFINITE_LOSS))
         if not _finite(sq[r]) or (local_grads_finite and not _finite(dots[r])):
-            flags.append({"rank": r, "kind": "nonfinite_grad"})
+            flags.append(_flag(r, R.NONFINITE_GRAD))
     finite_losses = all(_finite(x) for x in losses)
     global_loss = float(np.mean(losses)) if finite_losses else None
-    loss_std, loss_cv = _spread(losses, "zero_mean_loss", flags)
+    loss_std, loss_cv = _spread(losses, R.ZERO_MEAN_LOSS, flags)
     grad_ok = all(_finite(a) and _finite(b) for a, b in zip(sq, dots))
     norms = [math.sqrt(max(s, 0.0)) if _finite(s) else None for s in sq]
     if grad_ok:
-        grad_norm_std, grad_norm_cv = _spread(norms, "zero_mean_grad_norm", flags)
+        grad_norm_std, grad_norm_cv = _spread(norms, R.ZERO_MEAN_GRAD_NORM, flags)
         mean_sq = max(float(np.mean(dots)), 0.0)  # ‖ḡ‖² = mean_i g_i·ḡ
         cos = _cosines(norms, dots, mean_sq, flags)
     else:
         grad_norm_std = grad_norm_cv = mean_sq = None
         cos = [None] * n
     defined = [c for c in cos if c is not None]
-    return {
-        "loss": losses if finite_losses else [x if _finite(x) else None for x in losses],
-        "global_loss": global_loss,
-        "loss_std": loss_std,
-        "loss_cv": loss_cv,
-        "grad_norm": norms,
-        "grad_norm_std": grad_norm_std,
-        "grad_norm_cv": grad_norm_cv,
-        "mean_grad_norm": math.sqrt(mean_sq) if mean_sq is not None else None,
-        "cos_to_mean": cos,
-        "cos_mean": float(np.mean(defined)) if defined else None,
-        "cos_min": float(min(defined)) if defined else None,
-        "flags": flags,
+    return {  # type: ignore[misc]  (the schema's constants are the TypedDict's keys)
+        R.LOSS: losses if finite_losses else [x if _finite(x) else None for x in losses],
+        R.GLOBAL_LOSS: global_loss,
+        R.LOSS_STD: loss_std,
+        R.LOSS_CV: loss_cv,
+        R.GRAD_NORM: norms,
+        R.GRAD_NORM_STD: grad_norm_std,
+        R.GRAD_NORM_CV: grad_norm_cv,
+        R.MEAN_GRAD_NORM: math.sqrt(mean_sq) if mean_sq is not None else None,
+        R.COS_TO_MEAN: cos,
+        R.COS_MEAN: float(np.mean(defined)) if defined else None,
+        R.COS_MIN: float(min(defined)) if defined else None,
+        R.FLAGS: flags,
     }
 
 
-def _cosines(norms: list[float], dots: list[float], mean_sq: float, flags: list[Row]) -> list[float | None]:
+def _cosines(norms: list[float], dots: list[float], mean_sq: float, flags: list[Flag]) -> list[float | None]:
     mean_norm = math.sqrt(mean_sq)
     if mean_norm == 0.0:
-        flags.append({"rank": None, "kind": "zero_mean_grad"})
+        flags.append(_flag(None, R.ZERO_MEAN_GRAD))
         return [None] * len(norms)
     out: list[float | None] = []
     for r, (norm, dot) in enumerate(zip(norms, dots)):
         if norm == 0.0:
-            flags.append({"rank": r, "kind": "zero_grad"})
+            flags.append(_flag(r, R.ZERO_GRAD))
             out.append(None)
         else:
             out.append(min(1.0, max(-1.0, dot / (norm * mean_norm))))
@@ -282,7 +288,7 @@ class NoiseScaleEMA:
         return self.tr_sigma / self.g2
 
 
-def brute_force(grads: np.ndarray) -> Row:
+def brute_force(grads: np.ndarray) -> dict[str, Any]:
     """Direct formulas on full per-rank gradients [N, D] (float64): the oracle for self-checks.
 
     Deliberately shares no code with ``step_metrics`` so that comparing the two tests the
@@ -296,8 +302,8 @@ def brute_force(grads: np.ndarray) -> Row:
         cos = (g @ mean) / (norms * mean_norm)
         pair = (g @ g.T) / np.outer(norms, norms)
     return {
-        "grad_norm": norms.tolist(),
-        "mean_grad_norm": float(mean_norm),
-        "cos_to_mean": cos.tolist(),
-        "pairwise_cos": pair.tolist(),
+        R.GRAD_NORM: norms.tolist(),
+        R.MEAN_GRAD_NORM: float(mean_norm),
+        R.COS_TO_MEAN: cos.tolist(),
+        R.PAIRWISE_COS: pair.tolist(),
     }

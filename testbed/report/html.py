@@ -52,7 +52,7 @@ def load_run(run_dir: Path, label: str | None = None, level: dict[str, Any] | No
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
     meta = read_json(run_dir / RUN_FILE) if (run_dir / RUN_FILE).exists() else {}
-    name = label or meta.get("scenario", {}).get("name") or run_dir.name
+    name = label or meta.get("scenario", {}).get("name") or meta.get("name") or run_dir.name  # a monitor's: name
     status = (level or {}).get("status") or meta.get("status", "unknown")
     verdict = meta.get("verdict") if isinstance(meta.get("verdict"), dict) else None
     world_size = meta.get("scenario", {}).get("world_size")
@@ -86,10 +86,22 @@ def load_inputs(paths: Sequence[Path]) -> tuple[list[SweepData], list[RunData]]:
             raise FileNotFoundError(f"{p}: neither a run directory ({METRICS_FILE}) "
                                     f"nor a sweep directory ({SWEEP_FILE})")
     labels = [r.label for r in runs]
-    for r in runs:  # two runs of one scenario: tell them apart by directory
-        if labels.count(r.label) > 1:
-            r.label = f"{r.label} ({r.run_dir.name})"
+    for r in runs:  # two runs of one scenario: tell them apart by the end of their paths that differs
+        same = [o.run_dir for o in runs if labels[runs.index(o)] == labels[runs.index(r)]]
+        if len(same) > 1:
+            r.label = f"{r.label} ({distinct_suffix(r.run_dir, same)})"
     return sweeps, runs
+
+
+def distinct_suffix(path: Path, among: Sequence[Path]) -> str:
+    """The shortest end of ``path`` that no other path in ``among`` shares (``A/testbed`` for
+    ``A/testbed`` among ``B/testbed``); the whole path if none is shorter."""
+    parts = Path(path).resolve().parts
+    others = [Path(o).resolve().parts for o in among if Path(o).resolve() != Path(path).resolve()]
+    for k in range(1, len(parts) + 1):
+        if all(o[-k:] != parts[-k:] for o in others):
+            return "/".join(parts[-k:])
+    return str(path)
 
 
 def level_table(sweep: SweepData) -> list[dict[str, Any]]:

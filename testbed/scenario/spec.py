@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from testbed.scenario import cadence as cadence_rule
 from testbed.scenario.bounds import FLOAT32_MAX, representable
 from testbed.scenario.errors import ScenarioError
 from testbed.scenario.expect import validate_expect
@@ -49,12 +50,17 @@ class PerturbationSpec:
 class MetricsSpec:
     """How often each instrument runs. 0 disables an instrument."""
 
-    every: int = 1  # per-rank loss / grad norm / cosine, gathered as scalars
-    pairwise_every: int = 0  # exact N×N cosine matrix (gathers bucket by bucket: costs traffic)
-    weight_check_every: int = 10  # cross-rank parameter checksum
+    every: int = cadence_rule.EVERY  # per-rank loss / grad norm / cosine, gathered as scalars
+    pairwise_every: int = cadence_rule.PAIRWISE_EVERY  # exact N×N cosine matrix (all-to-all path)
+    weight_check_every: int = cadence_rule.WEIGHT_CHECK_EVERY  # cross-rank parameter checksum (scenario/cadence.py)
     noise_scale_ema: float = 0.9  # EMA factor for B_simple's numerator and denominator
     self_check: bool = False  # also all-gather full gradients and record brute-force values
     save_weights: bool = False  # each rank saves its final parameters to ranks/rank{r}.final.pt
+
+    @property
+    def cadence(self) -> cadence_rule.Cadence:
+        """Which steps are measured, pairwise, state-checked (the runner's and the monitor's one rule)."""
+        return cadence_rule.Cadence(self.every, self.pairwise_every, self.weight_check_every)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,9 @@ PAIRWISE_COS = "pairwise_cos"
 PAIRWISE_COS_MEAN = "pairwise_cos_mean"
 WEIGHT_CHECKSUM = "weight_checksum"
 WEIGHTS_IN_SYNC = "weights_in_sync"
-LR = "lr"
+LR = "lr"  # the step's learning rate when every rank used the same one, else None (see LR_BY_RANK)
+LR_BY_RANK = "lr_by_rank"  # every rank's learning rate, present only on steps where they differ
+FINAL_CHECK = "final_check"  # true on the state-check-only row ``close()`` adds after the last step
 SELF_CHECK = "self_check"
 GLOBAL_STEP = "global_step"  # a framework's own step counter (HF Trainer, Lightning), when it has one
 
@@ -43,6 +45,10 @@ ZERO_MEAN_GRAD_NORM = "zero_mean_grad_norm"
 NOISE_SCALE_UNDEFINED = "noise_scale_undefined"
 FLAG_KINDS = (NONFINITE_LOSS, NONFINITE_GRAD, ZERO_GRAD, ZERO_MEAN_GRAD, ZERO_MEAN_LOSS, ZERO_MEAN_GRAD_NORM,
               NOISE_SCALE_UNDEFINED)
+
+
+#: a row's per-rank lists (one entry per rank)
+PER_RANK = (LOSS, GRAD_NORM, COS_TO_MEAN)
 
 
 class Flag(TypedDict):
@@ -72,5 +78,7 @@ class Row(TypedDict, total=False):
     weight_checksum: list[int]
     weights_in_sync: bool
     lr: float | None
+    lr_by_rank: list[float | None]
+    final_check: bool
     self_check: dict[str, Any]
     global_step: int

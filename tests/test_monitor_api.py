@@ -195,4 +195,4 @@ def test_the_online_consistency_test_alarms_on_an_offset_rank_and_not_on_exchang
             assert {e["kind"] for e in heard} == {"inconsistent"} and heard[-1]["ranks"] == [3]
             assert all(set(e["ranks"]) <= {3} and e["metric"] == "loss" for e in heard)
             assert heard[0]["step"] < 40 and heard[0]["e_value"] >= 100
-            assert "rank 3's loss is higher than the others'" in heard[0]["message"]
+            assert "rank 3's loss is higher than the others'" in heard[-1]["message"]

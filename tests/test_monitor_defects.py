@@ -66,7 +66,9 @@ def test_the_statistical_alarm_says_which_way(n: int, expected: str) -> None:
 
     alarms = BuiltinAlarms(n, 0.01)
     found = [a for row in _rows(n, 0.10, seed=3) for a in alarms.check(row)]
-    assert [a.kind for a in found] == ["inconsistent"] and expected in found[0].message, found[0].message
+    # the first alarm may come before closed testing can name anybody; the naming one says which way
+    assert {a.kind for a in found} == {"inconsistent"} and expected in found[-1].message, found[-1].message
+    assert found[-1].ranks == ([0, 1] if n == 2 else [n - 1])
 
 
 def test_every_ranks_learning_rate_is_recorded() -> None:

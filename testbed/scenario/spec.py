@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from testbed.scenario.bounds import FLOAT32_MAX, representable
+from testbed.scenario.compat import check_batch_keys
 from testbed.scenario.errors import ScenarioError
 from testbed.scenario.expect import validate_expect
 from testbed.scenario.overrides import set_dotted
@@ -123,6 +124,7 @@ _BACKENDS = ("auto", "gloo", "nccl", "hccl")
 MAX_WORLD_SIZE = 4096
 MAX_STEPS = 10**9
 MAX_SECONDS = 10**7  # ~116 days
+MAX_THREADS = 4096  # torch.set_num_threads(2**40) was "Overflow when unpacking long" inside every rank
 _DEVICES = ("auto", "cpu", "cuda", "npu")
 _PARALLEL_KINDS = ("ddp", "fsdp2")
 
@@ -172,6 +174,7 @@ def parse_scenario(raw: Mapping[str, Any], source: str = "<memory>") -> Scenario
         v.perturbation(p, i, world_size, steps, PERTURBATIONS)
         for i, p in enumerate(v.list_of_tables(raw, "perturbations"))
     )
+    check_batch_keys(model, data, perturbations, source)
     scenario = Scenario(
         name=name,
         description=v.get(raw, "description", str, default=""),
@@ -185,7 +188,7 @@ def parse_scenario(raw: Mapping[str, Any], source: str = "<memory>") -> Scenario
         backend=v.choice(raw, "backend", _BACKENDS, "auto"),
         device=v.choice(raw, "device", _DEVICES, "cpu"),
         grad_accum=v.positive(raw, "grad_accum", int, 1),
-        threads_per_rank=v.positive(raw, "threads_per_rank", int, 1),
+        threads_per_rank=v.positive(raw, "threads_per_rank", int, 1, upper=MAX_THREADS),
         timeout_s=v.positive(raw, "timeout_s", float, 600.0, upper=MAX_SECONDS),
         stall_timeout_s=v.positive(raw, "stall_timeout_s", float, 120.0, upper=MAX_SECONDS),
         on_nonfinite=v.choice(raw, "on_nonfinite", ("continue", "stop"), "continue"),

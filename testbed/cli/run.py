@@ -57,7 +57,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         except Exception as e:  # noqa: BLE001 — a launcher error: one line here, the traceback in run.json
             _ended_early(out_dir, f"launcher failed: {type(e).__name__}: {e}")
             return EXIT_FAILED
-    digest = digest_run(out_dir)  # streamed: a 10⁶-step record is read in bounded memory
+    digest = digest_run(out_dir, scenario.world_size)  # streamed: a 10⁶-step record is read in bounded memory
     verdict = _recorded_verdict(out_dir, digest, scenario.world_size)
     print(f"verdict: {verdict['headline']}")
     print(format_table(summary_of(digest)))

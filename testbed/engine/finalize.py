@@ -20,7 +20,7 @@ from testbed.record.files import (EVENTS_FILE, METRICS_FILE, RUN_FILE, TIMING_FI
                                   iter_jsonl, iter_metrics, repair_jsonl, write_json_atomic)
 from testbed.record.rundir import RANKS_DIR, record_subdir, refuse_links, remove_record
 from testbed.record.safeio import open_record
-from testbed.record.sample import RowSample, count_lines
+from testbed.record.sample import RowSample, count_lines, verdict_rows
 from testbed.scenario.spec import Scenario
 
 JSONL_FILES = (METRICS_FILE, EVENTS_FILE, TIMING_FILE)
@@ -66,7 +66,7 @@ def finish_record(out_dir: Path, run: dict[str, Any], result: Any) -> None:
     if result.status != "ok" and (note := disk_note(out_dir)):
         result.reason = f"{result.reason} ({note})"
     nonfinite = _nonfinite_events(out_dir / EVENTS_FILE)
-    steps_kept, sample = _verdict_sample(out_dir)
+    steps_kept, sample = _verdict_sample(out_dir, run.get("scenario", {}).get("world_size"))
     run.update({
         "status": result.status,
         "reason": result.reason,
@@ -94,11 +94,11 @@ def disk_note(out_dir: Path) -> str:
     return f"the run directory's filesystem is full: {free} bytes free" if free < LOW_DISK_BYTES else ""
 
 
-def _verdict_sample(out_dir: Path) -> tuple[int, RowSample]:
+def _verdict_sample(out_dir: Path, world_size: int | None) -> tuple[int, RowSample]:
     """(valid metric rows on disk, the verdict's bounded sample of them): one streaming pass."""
     path = out_dir / METRICS_FILE
     try:
-        sample = RowSample(count_lines(path))
+        sample = RowSample(count_lines(path), verdict_rows(world_size))
         for index, row in enumerate(iter_metrics(out_dir)):
             sample.add(index, row)
         return sample.seen, sample

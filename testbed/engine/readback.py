@@ -20,9 +20,9 @@ from testbed.record.files import METRICS_FILE, iter_metrics
 from testbed.record.sample import count_lines
 
 
-def digest_run(run_dir: Path) -> RunDigest:
+def digest_run(run_dir: Path, world_size: int | None = None) -> RunDigest:
     """Stream ``run_dir/metrics.jsonl`` once (OSError if it is not a readable regular file)."""
-    digest = RunDigest(count_lines(Path(run_dir) / METRICS_FILE), SUMMARY_METRICS)
+    digest = RunDigest(count_lines(Path(run_dir) / METRICS_FILE), SUMMARY_METRICS, world_size=world_size)
     for row in iter_metrics(run_dir):
         digest.add(row)
     return digest.finish()

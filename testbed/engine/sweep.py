@@ -169,7 +169,7 @@ def results_table(out_dir: Path, levels: list[Level], status: Mapping[int, str])
     for lv in levels:
         run_dir = out_dir / lv.run_dir
         try:
-            summary = summary_of(digest_run(run_dir)) if run_dir.is_dir() else {}
+            summary = summary_of(digest_run(run_dir, lv.scenario.world_size)) if run_dir.is_dir() else {}
         except OSError:
             summary = {}
         try:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from testbed.record.sample import RowSample
+from testbed.record.sample import RowSample, verdict_rows
 from testbed.schema import row as R
 from testbed.schema.records import ROW_LISTS, ROW_NUMBERS
 
@@ -70,10 +70,11 @@ class _Bucket:
 class RunDigest:
     """Feed every valid row with ``add(row)`` (``record.files.iter_metrics``), then ``finish()``."""
 
-    def __init__(self, total_lines: int, metrics: Mapping[str, str], plot_points: int = PLOT_POINTS):
+    def __init__(self, total_lines: int, metrics: Mapping[str, str], plot_points: int | None = None,
+                 world_size: int | None = None):
         self.metrics = dict(metrics)  # metric -> "max" | "min": which way is worse (its peak)
-        self.stride = max(1, math.ceil(total_lines / plot_points))
-        self.sample = RowSample(total_lines)
+        self.stride = max(1, math.ceil(total_lines / (plot_points or PLOT_POINTS)))
+        self.sample = RowSample(total_lines, verdict_rows(world_size))
         self.stats: dict[str, list[Any]] = {}  # metric -> [count, sum, peak, last recorded value]
         self.steps_recorded = 0
         self.weight_checks = 0

@@ -127,8 +127,6 @@ Check = Callable[[Any], Any]
 
 
 def _is_object(row: Any) -> Any:
-    if not isinstance(row, dict):
-        raise FieldProblem("<line>", "a JSON object", row)
     return row
 
 
@@ -156,13 +154,18 @@ def iter_jsonl(path: Path, check: Check = _is_object) -> Iterator[dict[str, Any]
             if not line.strip():
                 continue
             try:
-                row = check(json.loads(line))
-            except FieldProblem as e:
-                skipped.append(f"line {number} ({e})")
-                continue
+                row = json.loads(line)
             except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, deep nesting
                 last = not line.endswith(b"\n")  # no newline after it: the writer never finished it
                 skipped.append(f"line {number} ({'incomplete last line' if last else 'not valid JSON'})")
+                continue
+            if not isinstance(row, dict):
+                skipped.append(f"line {number} (not a JSON object)")
+                continue
+            try:
+                row = check(row)
+            except FieldProblem as e:
+                skipped.append(f"line {number} ({e})")
                 continue
             kept += 1
             yield row

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from testbed.record.files import (EVENTS_FILE, METRICS_FILE, RUN_FILE, TIMING_FILE, RunDirError, read_json,
-                                  read_run)
+                                  read_run, read_sweep)
 from testbed.record.safeio import is_link, link_refusal, open_record, unlink_record_file
 from testbed.schema.jsonfile import open_regular
-from testbed.schema.records import GATE_FILE, SWEEP_FILE, is_segment
+from testbed.schema.records import GATE_FILE, SWEEP_FILE, FieldProblem, check_gate, is_segment
 
 LOCK_FILE = "run.lock"
 RANKS_DIR = "ranks"
@@ -209,9 +209,11 @@ def describe(directory: Path, kind: str | None = None) -> str:
     if kind in ("sweep", "gate"):
         name = GATE_FILE if kind == "gate" else SWEEP_FILE
         try:
-            record = read_json(directory / name)
-            label = f"of {record['scenario']!r}" if kind == "sweep" else f"of {len(record['scenarios'])} scenario(s)"
-        except (OSError, ValueError, KeyError, TypeError):
+            if kind == "sweep":
+                label = f"of {read_sweep(directory)['scenario']!r}"
+            else:
+                label = f"of {len(check_gate(read_json(directory / name))['scenarios'])} scenario(s)"
+        except (OSError, ValueError, FieldProblem):
             label = f"with an unreadable {name}"
         return f"an earlier {kind} {label}"
     try:

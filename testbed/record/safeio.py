@@ -53,6 +53,8 @@ def open_record(path: Path | str, flags: int, mode: int = 0o666) -> int:
     except OSError as e:
         if e.errno == errno.ELOOP or (e.errno in (errno.EEXIST, errno.ENXIO) and is_link(path)):
             raise link_refusal(path) from None
+        if e.errno == errno.ENXIO:  # a FIFO without a reader, opened for writing
+            raise RunDirError(path, "is not a regular file; testbed writes its records only to regular files") from None
         raise
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
@@ -82,9 +84,7 @@ def write_bytes_atomic(path: Path | str, data: bytes) -> None:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o666, dir_fd=dir_fd)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            _write_all(fd, data, path.name)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -97,6 +97,13 @@ def write_bytes_atomic(path: Path | str, data: bytes) -> None:
         raise
     finally:
         os.close(dir_fd)
+
+
+def _write_all(fd: int, data: bytes, name: str) -> None:
+    """Every byte of ``data`` to ``fd`` (``name``: the file it will become; for fault injection)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def unlink_record_file(path: Path | str) -> bool:

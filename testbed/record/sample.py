@@ -5,11 +5,18 @@
 launcher's ``finish_record`` and ``testbed report`` stream ``metrics.jsonl`` once and hand
 ``verdict_record(rows, world_size=...)`` at most ``VERDICT_ROWS`` rows:
 
-- a record of at most ``VERDICT_ROWS`` lines: every row (the verdict is exact, as before);
-- a longer one: every k-th line, ``k = ceil(lines / VERDICT_ROWS)`` (a systematic sample over the
-  whole run: the persistent-difference tests still see every phase of it, with fewer steps), plus
-  every row that carries a flag or a failed weight check (up to ``NOTABLE_ROWS``: NaN and
-  divergence evidence is exact, never sampled away), in step order.
+- a record of at most ``limit = verdict_rows(world_size)`` lines: every row (the verdict is exact,
+  as before);
+- a longer one: every k-th line, ``k = ceil(lines / limit)`` (a systematic sample over the whole
+  run: the persistent-difference tests still see every phase of it, with fewer steps), plus every
+  row that carries a flag or a failed weight check (up to ``NOTABLE_ROWS``: NaN and divergence
+  evidence is exact, never sampled away), in step order.
+
+The limit is a budget of rows × ranks, because that is what the verdict's memory and time grow
+with: measured with ``diagnose.verdict.verdict_record`` on generated 8-rank rows
+(``benchmarks/report_scale.py``'s rows; 2 cores, under load): 2000 rows 3.5 s / 187 MB peak,
+5000 rows 7.6 s / 406 MB, 15000 rows 31.6 s / 1139 MB. ``VERDICT_CELLS = 40000`` keeps it near
+5000 rows at 8 ranks (20000 at 2).
 
 What a sample cannot see: a one-step spike on a line that is not sampled (the transient rule), and
 ``since_step`` is only as fine as k. ``describe()`` goes into run.json (``verdict_input``) so a
@@ -25,8 +32,15 @@ from typing import Any
 from testbed.schema import row as R
 from testbed.schema.jsonfile import open_regular
 
-VERDICT_ROWS = 20_000
-NOTABLE_ROWS = 2_000
+VERDICT_CELLS = 40_000  # rows × ranks handed to the verdict (see the module doc for the measurement)
+MIN_VERDICT_ROWS = 500
+NOTABLE_ROWS = 1_000
+
+
+def verdict_rows(world_size: int | None) -> int:
+    """How many rows the verdict of a ``world_size``-rank record is given (8 ranks if unknown)."""
+    ranks = world_size if isinstance(world_size, int) and world_size > 0 else 8
+    return max(MIN_VERDICT_ROWS, VERDICT_CELLS // ranks)
 
 
 def count_lines(path: Path) -> int:
@@ -47,7 +61,8 @@ class RowSample:
     """Collects the verdict's rows in one pass: ``add(index, row)`` for every line (``index`` is
     the line's position, 0-based), then ``rows()``."""
 
-    def __init__(self, total_lines: int, limit: int = VERDICT_ROWS, notable_limit: int = NOTABLE_ROWS):
+    def __init__(self, total_lines: int, limit: int | None = None, notable_limit: int = NOTABLE_ROWS):
+        limit = verdict_rows(None) if limit is None else limit
         self.total = total_lines
         self.every = max(1, math.ceil(total_lines / limit)) if limit > 0 else 1
         self.notable_limit = notable_limit

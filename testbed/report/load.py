@@ -60,7 +60,7 @@ def load_run(run_dir: Path, label: str | None = None, level: dict[str, Any] | No
     except (OSError, ValueError) as e:
         raise _unreadable(run_dir / RUN_FILE, e) from None
     try:
-        digest = digest_run(run_dir)
+        digest = digest_run(run_dir, (meta.get("scenario") or {}).get("world_size"))
     except OSError as e:
         raise _unreadable(run_dir / METRICS_FILE, e) from None
     name = label or (meta.get("scenario") or {}).get("name") or run_dir.name

@@ -232,6 +232,22 @@ def test_control_sequences_in_a_description_never_reach_the_terminal(tmp_path: P
     assert "\\x1b]0;owned\\x07\\x1b[2Jclean\\u202eevil" in out
 
 
+def test_the_progress_bar_keeps_its_own_cursor_control_behind_the_safe_stream() -> None:
+    import io
+
+    from testbed.cli.terminal import SafeStream
+    from testbed.engine.progress import ProgressDisplay, Snapshot
+
+    sink = io.StringIO()
+    stream = SafeStream(sink)
+    display = ProgressDisplay(10, stream=stream, tty=True, label="level 1/2 'a'")
+    display.update(Snapshot(steps_done=3))
+    display.close()
+    stream.write("reason: \x1b[31mred\n")
+    assert "\r" in sink.getvalue() and "3/10" in sink.getvalue()  # the bar redraws in place
+    assert "\x1b[31m" not in sink.getvalue() and "\\x1b[31mred" in sink.getvalue()  # user text escaped
+
+
 @pytest.mark.parametrize("sink", ["dev-full", "closed-pipe"])
 def test_an_output_that_cannot_be_written_does_not_change_the_exit_status(tmp_path: Path, sink: str) -> None:
     for i in range(300):  # more than a pipe buffer of output

@@ -30,12 +30,11 @@ from testbed.gate.outcome import Failure, Outcome
 from testbed.gate.expect_sweep import evaluate_sweep, load_sweep
 from testbed.record.files import RunDirError, read_run, read_sweep, write_json_atomic
 from testbed.record.names import segment
-from testbed.record.rundir import DirLock, claim_run_dir, record_kind, record_subdir
+from testbed.record.rundir import REFERENCES_DIR, DirLock, claim_run_dir, record_kind, record_subdir
 from testbed.scenario.spec import Scenario, load_scenario
 from testbed.schema.records import GATE_FILE
 
 DEFAULT_SCENARIO_DIR = Path("scenarios")
-REFERENCES_DIR = "_references"
 
 
 def slug(name: str) -> str:

@@ -105,7 +105,10 @@ class ScenarioItem(pytest.Item):
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
         if isinstance(excinfo.value, ScenarioCheckFailed):
-            return f"scenario {self.name} ({self.path}):\n{excinfo.value}"
+            from testbed.schema.records import printable
+
+            text = "\n".join(printable(line) for line in str(excinfo.value).splitlines())  # no terminal control
+            return f"scenario {printable(self.name)} ({self.path}):\n{text}"
         return super().repr_failure(excinfo, style)
 
     def reportinfo(self) -> tuple[Path, int | None, str]:

@@ -31,6 +31,7 @@ from testbed.schema.records import GATE_FILE, SWEEP_FILE, FieldProblem, check_ga
 LOCK_FILE = "run.lock"
 RANKS_DIR = "ranks"
 CONTROL_DIR = "control"
+REFERENCES_DIR = "_references"  # a gate's metrics_equal_to references: OUT/_references/<name>
 #: what makes a directory hold a run record (a second run would mix into or delete it)
 RECORD_FILES = (RUN_FILE, METRICS_FILE, EVENTS_FILE, TIMING_FILE)
 #: per-rank files a run leaves in ranks/ (error reports, stacks, saved weights)
@@ -162,15 +163,19 @@ def remove_record(directory: Path) -> None:
     directory = Path(directory)
     children = _listed_dirs(directory / SWEEP_FILE, "levels", "run_dir") + \
         _listed_dirs(directory / GATE_FILE, "scenarios", None)
+    references = _listed_dirs(directory / GATE_FILE, "references", None)
     for name in (*RECORD_FILES, SWEEP_FILE, GATE_FILE):
         unlink_record_file(directory / name)
     _remove_rank_files(directory)
-    for name in [CONTROL_DIR, *children]:
-        sub = directory / name
-        if is_segment(name) and sub.is_dir() and not is_link(sub):
-            remove_record(sub)
-            unlink_record_file(sub / LOCK_FILE)
-            _rmdir_if_empty(sub)
+    for parent, names in ((directory, [CONTROL_DIR, *children]), (directory / REFERENCES_DIR, references)):
+        for name in names:
+            sub = parent / name
+            if is_segment(name) and sub.is_dir() and not is_link(sub) and not is_link(parent):
+                remove_record(sub)
+                unlink_record_file(sub / LOCK_FILE)
+                _rmdir_if_empty(sub)
+    if references:
+        _rmdir_if_empty(directory / REFERENCES_DIR)
 
 
 def _remove_rank_files(directory: Path) -> None:
@@ -192,10 +197,10 @@ def _rmdir_if_empty(path: Path) -> None:
 
 
 def _listed_dirs(path: Path, key: str, field: str | None) -> list[str]:
-    """Directory names a sweep.json (levels[].run_dir) or gate.json (scenarios{}) lists."""
+    """Directory names a sweep.json (levels[].run_dir) or gate.json (scenarios{}, references{}) lists."""
     try:
         record = read_json(path)
-        items = record[key]
+        items = record.get(key) or ({} if field is None else [])
         names = [item[field] for item in items] if field else list(items.values())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return []

@@ -151,14 +151,7 @@ def parse_scenario(raw: Mapping[str, Any], source: str = "<memory>") -> Scenario
     v = _Validator(source)
     v.no_unknown(raw, _TOP_KEYS, "")
     name = check_name(v.get(raw, "name", str), source)
-    world_size = v.get(raw, "world_size", int)
-    if world_size < 2:
-        raise ScenarioError(source, "world_size", "an integer >= 2 (data parallelism needs two ranks)", world_size)
-    if world_size > MAX_WORLD_SIZE:
-        raise ScenarioError(source, "world_size", f"an integer <= {MAX_WORLD_SIZE}", world_size)
-    steps = v.get(raw, "steps", int)
-    if not 1 <= steps <= MAX_STEPS:
-        raise ScenarioError(source, "steps", f"an integer in 1..{MAX_STEPS}", steps)
+    world_size, steps = _sizes(v, raw, source)
     model = v.component(raw, "model", MODELS)
     data_raw = raw.get("data")
     batch_size = v.get(data_raw if isinstance(data_raw, dict) else {}, "batch_size", int, where="data.")
@@ -205,6 +198,19 @@ def parse_scenario(raw: Mapping[str, Any], source: str = "<memory>") -> Scenario
     if scenario.sweep:
         build_levels({**raw, "sweep": scenario.sweep}, source, parse_scenario)  # every level must be valid
     return scenario
+
+
+def _sizes(v: "_Validator", raw: Mapping[str, Any], source: str) -> tuple[int, int]:
+    """``world_size`` in 2..MAX_WORLD_SIZE and ``steps`` in 1..MAX_STEPS."""
+    world_size = v.get(raw, "world_size", int)
+    if world_size < 2:
+        raise ScenarioError(source, "world_size", "an integer >= 2 (data parallelism needs two ranks)", world_size)
+    if world_size > MAX_WORLD_SIZE:
+        raise ScenarioError(source, "world_size", f"an integer <= {MAX_WORLD_SIZE}", world_size)
+    steps = v.get(raw, "steps", int)
+    if not 1 <= steps <= MAX_STEPS:
+        raise ScenarioError(source, "steps", f"an integer in 1..{MAX_STEPS}", steps)
+    return world_size, steps
 
 
 class _Validator:

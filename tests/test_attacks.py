@@ -8,12 +8,10 @@ Runs with real ranks: tests/test_attacks_runs.py.
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from testbed import cli
-from testbed.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from testbed.cli.common import EXIT_OK, EXIT_USAGE
 from testbed.engine import runner
 from tests.attack_fixtures import fake_launch, files_under, run_record, scenario_file, sweep_file
 from tests.helpers import TINY
@@ -90,6 +88,15 @@ def test_names_that_slugged_alike_keep_their_own_records(tmp_path: Path, fake: N
              for n in ("a b", "a-b")}
     assert names == {"a b": "a b", "a-b": "a-b"} and segment("a b") != segment("a-b")
     assert len((tmp_path / "g" / segment("a b") / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_names_differing_only_in_case_are_refused_by_the_gate(tmp_path: Path, fake: None,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """On a case-insensitive filesystem (macOS, Windows) ``A`` and ``a`` would share a directory."""
+    a, b = scenario_file(tmp_path / "a.toml", name="Tiny"), scenario_file(tmp_path / "b.toml", name="tiny")
+    code, err = _main(capsys, "gate", str(a), str(b), "--baseline", str(tmp_path / "b.json"), "--update-baseline",
+                      "--out", str(tmp_path / "g"))
+    assert code == EXIT_USAGE and "differ in more than letter case" in err[-1] and not (tmp_path / "g").exists(), err
 
 
 # ---- 1. confinement: planted links --------------------------------------------------------------

@@ -55,7 +55,6 @@ def scenario_paths(items: Sequence[str | Path]) -> list[Path]:
 def execute(scenario: Scenario, out_dir: Path) -> RunData | Path:
     """Run one scenario (a plain run → its RunData; a sweep → its sweep directory)."""
     if scenario.sweep:
-        from testbed.scenario.sweep import SWEEP_FILE
         from testbed.engine.sweep import run_sweep
 
         # a gate checks this code: never resume an older sweep, replace it (its own record only)

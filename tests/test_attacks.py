@@ -169,11 +169,22 @@ def test_a_sweep_never_deletes_a_foreign_record_where_a_level_goes(tmp_path: Pat
     assert not (out / "level-00-none" / "run.json").exists()  # refused before any level ran
 
 
-def test_a_sweep_level_that_is_a_link_is_refused(tmp_path: Path, fake: None, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("where", ["level", "inside-level", "gate-scenario", "inside-gate-scenario"])
+def test_a_link_where_a_sweep_level_or_gate_scenario_goes_is_refused(tmp_path: Path, fake: None, where: str,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "elsewhere").mkdir()
-    (tmp_path / "S").mkdir()
-    (tmp_path / "S" / "level-00-none").symlink_to(tmp_path / "elsewhere")
-    code, err = _main(capsys, "sweep", str(sweep_file(tmp_path / "s.toml")), "--out", str(tmp_path / "S"))
+    out = tmp_path / "OUT"
+    sub = out / ("level-00-none" if where.endswith("level") else "tiny")
+    if where.startswith("inside"):
+        sub.mkdir(parents=True)
+        (sub / "metrics.jsonl").symlink_to(tmp_path / "elsewhere" / "rows")
+    else:
+        out.mkdir()
+        sub.symlink_to(tmp_path / "elsewhere")
+    argv = (["sweep", str(sweep_file(tmp_path / "s.toml")), "--out", str(out)] if where.endswith("level") else
+            ["gate", str(scenario_file(tmp_path / "t.toml")), "--baseline", str(tmp_path / "b.json"),
+             "--update-baseline", "--out", str(out)])
+    code, err = _main(capsys, *argv)
     assert code == EXIT_USAGE and "symbolic link" in err[-1] and not any((tmp_path / "elsewhere").iterdir()), err
 
 

@@ -76,15 +76,16 @@ def cmd_gate(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace, outcomes: list[Any], data: Any, wall: float) -> int:
     if args.update_baseline:
         good = {o.name: (_relative(o.scenario.source), o.values) for o in outcomes if o.passed}
-        baselines.save(args.baseline, baselines.updated(data, good))
+        baselines.save(Path(args.baseline).resolve(), baselines.updated(data, good))  # a user's link: its target
         print(f"baseline {args.baseline}: recorded {len(good)} scenario(s)"
               + ("" if len(good) == len(outcomes) else "; failing scenarios were not recorded"))
     print(gate_report.text(outcomes))
     try:
+        # files the user named, outside any record: a link the user made there is followed to its target
         if args.junit:
-            gate_report.write_junit(Path(args.junit), outcomes, wall)
+            gate_report.write_junit(Path(args.junit).resolve(), outcomes, wall)
         if args.markdown:
-            gate_report.write_markdown(Path(args.markdown), outcomes, wall, str(args.baseline))
+            gate_report.write_markdown(Path(args.markdown).resolve(), outcomes, wall, str(args.baseline))
     except (OSError, RunDirError) as e:  # checked before the run; a disk can still fill up
         print(f"testbed gate: could not write a report file: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
         return EXIT_FAILED

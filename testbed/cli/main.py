@@ -65,9 +65,9 @@ def _dispatch(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt as e:  # Ctrl-C (130), SIGTERM (143), SIGHUP (129): records are finalized
         print("testbed: interrupted" + (f" by {e.signame}" if hasattr(e, "signame") else ""), file=sys.stderr)
         return exit_code(e)
-    except OSError as e:  # an output the command could not write (a full disk, no permission)
-        print(f"testbed {args.command}: cannot write {e.filename or 'the output'}: {e.strerror or e}",
-              file=sys.stderr)
+    except OSError as e:  # a file the command could not write or read (a full disk, no permission)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"testbed {args.command}: {where}{e.strerror or e}", file=sys.stderr)
         return EXIT_FAILED
     finally:
         warnings.showwarning = previous

@@ -19,7 +19,7 @@ from testbed.diagnose.verdict import verdict_record
 from testbed.record.files import (EVENTS_FILE, METRICS_FILE, RUN_FILE, TIMING_FILE, dumps, environment,
                                   iter_jsonl, iter_metrics, repair_jsonl, write_json_atomic)
 from testbed.record.rundir import RANKS_DIR, record_subdir, refuse_links, remove_record
-from testbed.record.safeio import open_record
+from testbed.record.safeio import RunDirError, open_record
 from testbed.record.sample import RowSample, count_lines, verdict_rows
 from testbed.scenario.spec import Scenario
 
@@ -61,7 +61,7 @@ def finish_record(out_dir: Path, run: dict[str, Any], result: Any) -> None:
         try:
             if cut := repair_jsonl(out_dir / name):
                 torn[name] = cut
-        except OSError:
+        except (OSError, RunDirError):  # unreadable, or a link / FIFO planted there: not touched
             continue
     if result.status != "ok" and (note := disk_note(out_dir)):
         result.reason = f"{result.reason} ({note})"
@@ -102,7 +102,7 @@ def _verdict_sample(out_dir: Path, world_size: int | None) -> tuple[int, RowSamp
         for index, row in enumerate(iter_metrics(out_dir)):
             sample.add(index, row)
         return sample.seen, sample
-    except OSError:
+    except (OSError, RunDirError):
         return 0, RowSample(0)
 
 
@@ -122,6 +122,10 @@ def _nonfinite_events(path: Path) -> dict[str, Any]:
 def _write_final(path: Path, run: dict[str, Any]) -> None:
     try:
         write_json_atomic(path, run)
+        return
+    except RunDirError as e:  # a link planted at run.json while the run ran: never written through
+        sys.stderr.write(f"testbed: could not write the final {e}; status {run.get('status')!r}: "
+                         f"{run.get('reason')}\n")
         return
     except OSError as e:
         first = e
@@ -144,7 +148,7 @@ def _write_final(path: Path, run: dict[str, Any]) -> None:
 def _rewrite_in_place(path: Path, data: bytes) -> bool:
     try:
         fd = open_record(path, os.O_RDWR)
-    except OSError:
+    except (OSError, RunDirError):
         return False
     try:
         size = os.fstat(fd).st_size

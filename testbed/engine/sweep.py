@@ -23,7 +23,7 @@ from testbed.engine.readback import digest_run, summary_of
 from testbed.engine.signals import check_stop
 from testbed.record.files import (RUN_FILE, RunDirError, default_run_dir, dumps, read_json, read_run,
                                   read_sweep, write_json_atomic)
-from testbed.record.rundir import claim_run_dir, record_kind, record_subdir, remove_record
+from testbed.record.rundir import claim_run_dir, record_kind, record_subdir, refuse_links, remove_record
 from testbed.scenario.errors import ScenarioError
 from testbed.scenario.overrides import set_dotted
 from testbed.scenario.spec import Scenario, load_scenario, parse_scenario, read_toml
@@ -103,6 +103,7 @@ def check_level_dirs(out_dir: Path, levels: list[Level]) -> None:
         if not run_dir.exists() and not run_dir.is_symlink():
             continue
         run_dir = record_subdir(out_dir, lv.run_dir)  # a link or a file there: refused
+        refuse_links(run_dir)  # and a link planted inside it
         kind = record_kind(run_dir)
         if kind is None:
             continue

@@ -30,7 +30,7 @@ from testbed.gate.outcome import Failure, Outcome
 from testbed.gate.expect_sweep import evaluate_sweep, load_sweep
 from testbed.record.files import RunDirError, read_run, read_sweep, write_json_atomic
 from testbed.record.names import segment
-from testbed.record.rundir import REFERENCES_DIR, DirLock, claim_run_dir, record_kind, record_subdir
+from testbed.record.rundir import REFERENCES_DIR, DirLock, claim_run_dir, record_kind, record_subdir, refuse_links
 from testbed.scenario.spec import Scenario, load_scenario
 from testbed.schema.records import GATE_FILE
 
@@ -151,6 +151,7 @@ def claim_gate_dir(out_root: Path, tasks: Sequence[tuple[Scenario, Path]], overw
         for scenario, run_dir in tasks:
             parent = record_subdir(out_root, REFERENCES_DIR) if run_dir.parent.name == REFERENCES_DIR else out_root
             record_subdir(parent, run_dir.name)  # a link or a file there: refused
+            refuse_links(run_dir)  # and a link planted inside it
             kind, owner = owner_of(run_dir)
             if kind is not None and owner != scenario.name:
                 raise RunDirError(run_dir, f"holds a {kind} record of {owner!r}, not of scenario {scenario.name!r}; "
@@ -188,12 +189,15 @@ def gate(scenarios: Sequence[Scenario], out_root: Path, baseline: dict[str, Any]
     with claim_gate_dir(out_root, tasks, overwrite), StopOnSignals() as stop:
         write_gate_record(out_root, "running", scenarios, list(refs.values()))
         try:
-            results = _run_all(tasks, jobs, log, stop)
+            outcomes = _judge(scenarios, tasks, _run_all(tasks, jobs, log, stop), baseline)
         except KeyboardInterrupt as e:
             name = e.signame if isinstance(e, LauncherStopped) else "SIGINT"
             write_gate_record(out_root, "stopped", scenarios, list(refs.values()), reason=f"stopped by {name}")
             raise
-        outcomes = _judge(scenarios, tasks, results, baseline)
+        except Exception as e:  # a bug or a full disk while judging: the record says so, then it propagates
+            write_gate_record(out_root, "stopped", scenarios, list(refs.values()),
+                              reason=f"{type(e).__name__}: {e}")
+            raise
         write_gate_record(out_root, "passed" if all(o.passed for o in outcomes) else "failed", scenarios,
                           list(refs.values()), outcomes)
     return outcomes

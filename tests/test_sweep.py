@@ -77,7 +77,7 @@ def test_level_zero_perturbs_nobody() -> None:
     ({"values": [[], [7]]}, "sweep.values[1]", "perturbations[1].ranks"),
     ({"labels": ["a"]}, "sweep.labels", "3 strings"),
     ({"labels": ["a", "a", "b"]}, "sweep.labels", "distinct"),
-    ({"labels": ["a", "b", "//"]}, "sweep.labels", "letter or digit"),
+    ({"labels": ["a", "b", "x\x1b[2J"]}, "sweep.labels", "control characters"),
     ({"step": 1}, "sweep.step", "no such field"),
 ])
 def test_bad_sweep_tables_name_the_field(change: dict[str, Any], field: str, expected: str) -> None:

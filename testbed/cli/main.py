@@ -7,9 +7,12 @@ import sys
 import warnings
 from typing import Any, Sequence
 
-from testbed.cli.common import EXIT_USAGE
-from testbed.record.files import RecordWarning
+from testbed.cli import terminal
+from testbed.cli.common import EXIT_FAILED, EXIT_USAGE
+from testbed.engine.signals import exit_code
+from testbed.record.files import RecordWarning, RunDirError
 from testbed.scenario.errors import ScenarioError
+from testbed.schema.records import RecordError
 
 # Modules that add their own subcommand: each defines ``add_subcommand(subparsers)`` and sets
 # ``func`` on its parser. Add a module here to add a command.
@@ -35,17 +38,39 @@ def _show_record_warning(message: Any, category: type, filename: str, lineno: in
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, dispatch, and turn every expected failure into one line and an exit code: 2 for a bad
+    scenario, record or directory, 128 + N for signal N, 1 for an output that cannot be written."""
+    saved = sys.stdout, sys.stderr
+    out, err = terminal.install()
+    try:
+        return _dispatch(argv)
+    finally:
+        terminal.finish(out, err)
+        sys.stdout, sys.stderr = saved
+
+
+def _dispatch(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = warnings.showwarning
     warnings.showwarning = _show_record_warning
     try:
         return args.func(args)
     except ScenarioError as e:
         print(f"testbed: scenario error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("testbed: interrupted", file=sys.stderr)
-        return 130
+    except (RecordError, RunDirError) as e:  # a malformed record file; an unusable or foreign directory
+        print(f"testbed {args.command}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt as e:  # Ctrl-C (130), SIGTERM (143), SIGHUP (129): records are finalized
+        print("testbed: interrupted" + (f" by {e.signame}" if hasattr(e, "signame") else ""), file=sys.stderr)
+        return exit_code(e)
+    except OSError as e:  # a file the command could not write or read (a full disk, no permission)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"testbed {args.command}: {where}{e.strerror or e}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        warnings.showwarning = previous
 
 
 if __name__ == "__main__":

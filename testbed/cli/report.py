@@ -6,18 +6,27 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from testbed.cli.common import EXIT_FAILED, EXIT_USAGE
 from testbed.diagnose.attribution import describe as describe_outlier
-from testbed.report.html import format_level_table, write_report
+from testbed.record.files import RunDirError
+from testbed.report.html import ReportInputError, format_level_table, write_report
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """Exit 0, 2 (an input that is no record, or a malformed one: one line naming the file and the
+    field) or 1 (an output that could not be written: a full disk, a planted link)."""
     paths = [Path(p) for p in args.paths]
     out = Path(args.out) if args.out else paths[0] / "report"
     try:
         record = write_report(paths, out)
-    except FileNotFoundError as e:
+    except ReportInputError as e:
         print(f"testbed report: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except (OSError, RunDirError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        where = getattr(e, "filename", None) or out
+        print(f"testbed report: cannot write {where}: {why}", file=sys.stderr)
+        return EXIT_FAILED
     for sweep in record["sweeps"]:
         print(f"sweep {sweep['scenario']} over {sweep['parameter']} (means over recorded steps):")
         print(format_level_table(sweep["levels"]))

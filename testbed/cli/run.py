@@ -8,13 +8,14 @@ from typing import Any
 
 from testbed.cli.common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_override_arguments, add_progress_arguments,
                                 overrides_of)
-from testbed.diagnose.summary import format_table, summarize
+from testbed.diagnose.summary import format_table
 from testbed.engine import launch_plan
 from testbed.engine.preflight import preflight
-from testbed.engine.signals import LauncherStopped
-from testbed.record.files import EVENTS_FILE, RUN_FILE, RunDirError, default_run_dir, read_json, read_jsonl, read_metrics
+from testbed.engine.readback import digest_run, summary_of, verdict_of
+from testbed.engine.signals import LauncherStopped, exit_code
+from testbed.record.files import (EVENTS_FILE, RUN_FILE, RunDirError, default_run_dir, iter_jsonl,
+                                  iter_metrics, read_json, read_run)
 from testbed.record.rundir import claim_run_dir
-from testbed.diagnose.verdict import verdict_record
 from testbed.engine.progress import watch_run
 from testbed.scenario import catalog
 from testbed.scenario.spec import load_scenario
@@ -39,8 +40,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except RunDirError as e:
         print(f"testbed run: {'--out ' if args.out else 'run directory '}{e}", file=sys.stderr)
         return EXIT_USAGE
-    if claim.replaces:  # --overwrite: say what goes, never delete rows without a word
-        print(f"testbed: --overwrite: replacing the earlier run in {out_dir} ({claim.replaces})", file=sys.stderr)
+    if claim.replaces:  # --overwrite: say what went, never delete rows without a word
+        print(f"testbed: --overwrite: replaced {claim.replaces} in {out_dir}", file=sys.stderr)
     with claim:
         print(f"testbed: running {scenario.name!r}: {scenario.world_size} ranks × {scenario.steps} steps "
               f"({scenario.model.kind} / {scenario.data.kind}, {scenario.optim.kind}) → {out_dir}", flush=True)
@@ -53,19 +54,20 @@ def cmd_run(args: argparse.Namespace) -> int:
                     result = launch(scenario, out_dir, claim=claim)
         except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP: the launcher has finalized run.json
             _ended_early(out_dir, f"launcher stopped by {e.signame}" if isinstance(e, LauncherStopped) else "")
-            return 128 + (e.signum if isinstance(e, LauncherStopped) else 2)
+            return exit_code(e)
         except Exception as e:  # noqa: BLE001 — a launcher error: one line here, the traceback in run.json
             _ended_early(out_dir, f"launcher failed: {type(e).__name__}: {e}")
             return EXIT_FAILED
-    rows = read_metrics(out_dir)
-    verdict = _recorded_verdict(out_dir, rows, scenario.world_size)
+    digest = digest_run(out_dir, scenario.world_size)  # streamed: a 10⁶-step record is read in bounded memory
+    verdict = _recorded_verdict(out_dir, digest, scenario.world_size)
     print(f"verdict: {verdict['headline']}")
-    print(format_table(summarize(rows)))
+    print(format_table(summary_of(digest)))
     if result.ok:
-        bad = [e for e in read_jsonl(out_dir / EVENTS_FILE) if str(e.get("event", "")).startswith("nonfinite")]
+        bad = _nonfinite_events(out_dir / EVENTS_FILE)
         if bad:  # on_nonfinite = "continue": the run is complete, but must not look clean
-            print(f"WARNING: {len(bad)} non-finite event(s); the first: {bad[0].get('event')} on rank "
-                  f"{bad[0].get('rank')} at step {bad[0].get('step')} (see {out_dir}/events.jsonl)", file=sys.stderr)
+            first = bad["first"]
+            print(f"WARNING: {bad['count']} non-finite event(s); the first: {first.get('event')} on rank "
+                  f"{first.get('rank')} at step {first.get('step')} (see {out_dir}/events.jsonl)", file=sys.stderr)
         if result.reason:
             print(f"note: {result.reason}", file=sys.stderr)
         print(f"ok in {result.wall_time_s:.1f} s; record: {out_dir}/metrics.jsonl, {out_dir}/run.json")
@@ -76,18 +78,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"FAILED: {result.reason}", file=sys.stderr)
     if result.traceback:
         print(result.traceback, file=sys.stderr)
-    print(f"{len(rows)} completed step(s) kept in {out_dir}/metrics.jsonl", file=sys.stderr)
+    print(f"{digest.sample.seen} completed step(s) kept in {out_dir}/metrics.jsonl", file=sys.stderr)
     return EXIT_FAILED
 
 
-def _recorded_verdict(out_dir: Path, rows: list[dict[str, Any]], world_size: int) -> dict[str, Any]:
+def _recorded_verdict(out_dir: Path, digest: Any, world_size: int) -> dict[str, Any]:
     """The verdict the launcher wrote into run.json (computed here only if the record lacks it)."""
     try:
-        recorded = read_json(out_dir / RUN_FILE).get("verdict")
+        run = read_run(out_dir)
     except (OSError, ValueError):
-        recorded = None
-    return recorded if isinstance(recorded, dict) and "headline" in recorded else \
-        verdict_record(rows, world_size=world_size)
+        run = {}
+    return verdict_of({"scenario": {"world_size": world_size}, **run}, digest)
+
+
+def _nonfinite_events(path: Path) -> dict[str, Any] | None:
+    count, first = 0, None
+    for event in iter_jsonl(path):
+        if str(event.get("event", "")).startswith("nonfinite"):
+            count, first = count + 1, first or event
+    return {"count": count, "first": first} if count else None
 
 
 def _ended_early(out_dir: Path, fallback: str) -> None:
@@ -100,7 +109,7 @@ def _ended_early(out_dir: Path, fallback: str) -> None:
     reason = run.get("reason") if run.get("status") == "failed" else None
     kept = run.get("steps_kept")
     print(f"FAILED: {reason or fallback or 'interrupted'}", file=sys.stderr)
-    print(f"{kept if kept is not None else len(read_metrics(out_dir))} completed step(s) kept in "
+    print(f"{kept if kept is not None else sum(1 for _ in iter_metrics(out_dir))} completed step(s) kept in "
           f"{out_dir}/metrics.jsonl; {RUN_FILE} status {run.get('status', 'unknown')!r}", file=sys.stderr)
 
 

@@ -14,11 +14,11 @@ from typing import Any, Sequence
 
 from testbed.diagnose.paired import DISPERSION, compare_rows, format_comparison, series, trend_line, trend_test
 from testbed.record.files import RUN_FILE, read_json, read_metrics, write_json_atomic
+from testbed.record.rundir import CONTROL_DIR, record_subdir
 from testbed.scenario.spec import Scenario
 
 #: perturbation kinds a control keeps (baselines of the experiment, not faults)
 BASELINE_KINDS = ("replicate_batch",)
-CONTROL_DIR = "control"
 
 
 def control_of(scenario: Scenario) -> Scenario:
@@ -29,11 +29,14 @@ def control_of(scenario: Scenario) -> Scenario:
 
 
 def run_control(scenario: Scenario, out_dir: Path) -> dict[str, Any]:
-    """Run the control into ``out_dir/control``, compare, add ``"control"`` to run.json; returns it."""
+    """Run the control into ``out_dir/control``, compare, add ``"control"`` to run.json; returns it.
+
+    ``control/`` is part of the main run's record: replaced with it (``--overwrite`` removes it
+    with the rest), so an old control never blocks or mixes into a new one. A link there is refused."""
     from testbed.engine.runner import launch
 
-    control_dir = Path(out_dir) / CONTROL_DIR
-    result = launch(control_of(scenario), control_dir)
+    control_dir = record_subdir(Path(out_dir), CONTROL_DIR)
+    result = launch(control_of(scenario), control_dir, overwrite=True)
     record: dict[str, Any] = {"run_dir": CONTROL_DIR, "status": result.status, "reason": result.reason,
                               "wall_time_s": result.wall_time_s,
                               "paired": compare_rows(read_metrics(Path(out_dir)), read_metrics(control_dir))}

@@ -17,13 +17,13 @@ from typing import Any
 
 from testbed.diagnose.verdict import verdict_record
 from testbed.record.files import (EVENTS_FILE, METRICS_FILE, RUN_FILE, TIMING_FILE, dumps, environment,
-                                  read_jsonl, repair_jsonl, write_json_atomic)
+                                  iter_jsonl, iter_metrics, repair_jsonl, write_json_atomic)
+from testbed.record.rundir import RANKS_DIR, record_subdir, refuse_links, remove_record
+from testbed.record.safeio import RunDirError, open_record
+from testbed.record.sample import RowSample, count_lines, verdict_rows
 from testbed.scenario.spec import Scenario
 from testbed.schema import event as E
 
-# What a previous run in the same directory may have left; removed so it cannot mix with this one.
-STALE_RECORD = (METRICS_FILE, EVENTS_FILE, TIMING_FILE, "ranks/rank*.json", "ranks/rank*.stack",
-                "ranks/rank*.final.pt")
 JSONL_FILES = (METRICS_FILE, EVENTS_FILE, TIMING_FILE)
 LOW_DISK_BYTES = 1 << 20  # below this much free space a failed run is said to have met a full disk
 
@@ -44,10 +44,12 @@ def start_record(scenario: Scenario, out_dir: Path, backend: str, launcher: str)
 
 def remove_stale_record(out_dir: Path) -> None:
     """A run directory holds one run: rows or error reports of an earlier run there would be
-    mixed into this one's (appended metrics, a stale report taken for the root cause)."""
-    for pattern in STALE_RECORD:
-        for path in out_dir.glob(pattern):
-            path.unlink(missing_ok=True)
+    mixed into this one's (appended metrics, a stale report taken for the root cause). Removes the
+    record's own files only (``record.rundir.remove_record``); a planted link is refused, and
+    ``ranks/`` is made a real directory before any rank writes into it."""
+    refuse_links(out_dir)
+    remove_record(out_dir)
+    record_subdir(out_dir, RANKS_DIR)
 
 
 def finish_record(out_dir: Path, run: dict[str, Any], result: Any) -> None:
@@ -60,11 +62,12 @@ def finish_record(out_dir: Path, run: dict[str, Any], result: Any) -> None:
         try:
             if cut := repair_jsonl(out_dir / name):
                 torn[name] = cut
-        except OSError:
+        except (OSError, RunDirError):  # unreadable, or a link / FIFO planted there: not touched
             continue
     if result.status != "ok" and (note := disk_note(out_dir)):
         result.reason = f"{result.reason} ({note})"
-    bad = [e for e in _rows(out_dir / EVENTS_FILE) if e.get(E.EVENT) in E.NONFINITE_EVENTS]
+    nonfinite = _nonfinite_events(out_dir / EVENTS_FILE)
+    steps_kept, sample = _verdict_sample(out_dir, _world_size(run))
     run.update({
         "status": result.status,
         "reason": result.reason,
@@ -73,13 +76,13 @@ def finish_record(out_dir: Path, run: dict[str, Any], result: Any) -> None:
         "traceback": result.traceback,
         "wall_time_s": result.wall_time_s,
         "rank_reports": result.rank_reports,
-        "nonfinite": {"count": len(bad), "first": bad[0] if bad else None},
-        "steps_kept": len(_rows(out_dir / METRICS_FILE)),
+        "nonfinite": nonfinite,
+        "steps_kept": steps_kept,
         "torn_bytes_removed": torn,
-        # over the completed steps, also of a failed run (docs/diagnosis.md); a monitored loop's
-        # record has no scenario, its world size is top-level
-        "verdict": verdict_record(_rows(out_dir / METRICS_FILE),
-                                  world_size=run.get("world_size") or run.get("scenario", {}).get("world_size")),
+        # over the completed steps, also of a failed run (docs/diagnosis.md); bounded (record/sample.py);
+        # a monitored loop's record has no scenario, its world size is top-level
+        "verdict": verdict_record(sample.rows(), world_size=_world_size(run)),
+        "verdict_input": sample.describe(),
     })
     _write_final(out_dir / RUN_FILE, run)
 
@@ -93,31 +96,80 @@ def disk_note(out_dir: Path) -> str:
     return f"the run directory's filesystem is full: {free} bytes free" if free < LOW_DISK_BYTES else ""
 
 
-def _rows(path: Path) -> list[dict[str, Any]]:
+def _world_size(run: dict[str, Any]) -> int | None:
+    """A scenario run's world size, or a monitored loop's (its record has no scenario)."""
+    scenario = run.get("scenario")
+    return run.get("world_size") or (scenario.get("world_size") if isinstance(scenario, dict) else None)
+
+
+def _verdict_sample(out_dir: Path, world_size: int | None) -> tuple[int, RowSample]:
+    """(valid metric rows on disk, the verdict's bounded sample of them): one streaming pass."""
+    path = out_dir / METRICS_FILE
     try:
-        return read_jsonl(path)
+        sample = RowSample(count_lines(path), verdict_rows(world_size))
+        for index, row in enumerate(iter_metrics(out_dir)):
+            sample.add(index, row)
+        return sample.seen, sample
+    except (OSError, RunDirError):
+        return 0, RowSample(0)
+
+
+def _nonfinite_events(path: Path) -> dict[str, Any]:
+    """How many non-finite events, and the first (streamed: a NaN run can log one per step)."""
+    count, first = 0, None
+    try:
+        for event in iter_jsonl(path):
+            if event.get(E.EVENT) in E.NONFINITE_EVENTS:
+                count += 1
+                first = first or event
     except OSError:
-        return []
+        pass
+    return {"count": count, "first": first}
 
 
 def _write_final(path: Path, run: dict[str, Any]) -> None:
     try:
         write_json_atomic(path, run)
         return
+    except RunDirError as e:  # a link planted at run.json while the run ran: never written through
+        sys.stderr.write(f"testbed: could not write the final {e}; status {run.get('status')!r}: "
+                         f"{run.get('reason')}\n")
+        return
     except OSError as e:
         first = e
-    # In place: the old run.json's blocks are freed by the truncation and reused. A crash right
-    # here could leave it torn; without this fallback a full disk always left "running".
-    compact = {k: v for k, v in run.items() if k not in ("rank_reports", "environment")}
-    for obj in (run, compact):
-        try:
-            with open(path, "r+" if path.exists() else "w", encoding="utf-8") as f:
-                f.truncate(0)
-                f.write(dumps(obj) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+    # A full disk: the atomic copy needs space the old run.json's blocks do not give. Rewrite in
+    # place instead, but only with a record that fits in the old file's bytes (padded with spaces,
+    # then truncated): the file is never emptied first, so a failure leaves the old record whole
+    # (it was a 0-byte run.json before). Smaller records are tried in turn.
+    essentials = ("status", "reason", "failed_rank", "failed_step", "wall_time_s", "steps_kept", "scenario",
+                  "launcher", "started_at")
+    compact = {k: v for k, v in run.items() if k not in ("rank_reports", "environment", "traceback")}
+    minimal = {k: run.get(k) for k in essentials if k in run}
+    bare = {k: run.get(k) for k in ("status", "reason", "steps_kept")}
+    for obj in (run, compact, minimal, bare):
+        if _rewrite_in_place(path, (dumps(obj) + "\n").encode("utf-8")):
             return
-        except (OSError, ValueError):
-            continue
     sys.stderr.write(f"testbed: could not write the final {path} ({first.strerror or first}); "
                      f"status {run.get('status')!r}: {run.get('reason')}\n")
+
+
+def _rewrite_in_place(path: Path, data: bytes) -> bool:
+    try:
+        fd = open_record(path, os.O_RDWR)
+    except (OSError, RunDirError):
+        return False
+    try:
+        size = os.fstat(fd).st_size
+        if len(data) > size:
+            return False
+        padded = data[:-1] + b" " * (size - len(data)) + b"\n"  # JSON allows trailing whitespace
+        view, offset = memoryview(padded), 0
+        while offset < len(padded):
+            offset += os.pwrite(fd, view[offset:], offset)
+        os.ftruncate(fd, len(padded))
+        os.fsync(fd)
+        return True
+    except (OSError, ValueError):
+        return False
+    finally:
+        os.close(fd)

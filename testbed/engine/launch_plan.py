@@ -222,9 +222,15 @@ def print_plan(scenario: Scenario, scenario_path: Path, args: argparse.Namespace
 
 
 def launch_torchrun(scenario: Scenario, scenario_path: Path, out_dir: Path, args: argparse.Namespace) -> Any:
-    """Run this node's torchrun command (bounded by timeout_s) and return the RunResult rank 0 recorded."""
+    """Run this node's torchrun command (bounded by timeout_s) and return the RunResult rank 0 recorded.
+
+    On node 0 the record is started here, before torchrun (status ``running``), and finished here
+    whenever rank 0 could not: torchrun failing to bind a port in use, waiting for a second node
+    that never comes (``--nnodes 2`` on one machine) until ``timeout_s``, or killed. So every ending
+    leaves a final run.json (there was none before), with torchrun's last words as the reason.
+    """
     from testbed.record.files import RUN_FILE, read_json
-    from testbed.engine.finalize import finish_record
+    from testbed.engine.finalize import finish_record, start_record
     from testbed.engine.proctree import kill_tree
     from testbed.engine.runner import RunResult
 
@@ -232,14 +238,20 @@ def launch_torchrun(scenario: Scenario, scenario_path: Path, out_dir: Path, args
     env = {**os.environ, **{k: v for k, v in plan.env.items() if k not in os.environ}}
     cmd = [sys.executable, "-m", "torch.distributed.run", *plan.torchrun_args(args.node_rank)]
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    run = start_record(scenario, out_dir, plan.backend, "torchrun") if args.node_rank == 0 else {}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.PIPE)
+    tail = _forward_stderr(proc)
     try:
         code = proc.wait(timeout=scenario.timeout_s + TORCHRUN_GRACE_S)
     except subprocess.TimeoutExpired:
         kill_tree(proc.pid)  # torchrun and its ranks (each rank runs in a session of its own)
         proc.wait()
         code = None
-    run = read_json(out_dir / RUN_FILE) if (out_dir / RUN_FILE).exists() else {}
+    tail.join(timeout=5.0)
+    try:
+        run = read_json(out_dir / RUN_FILE) if (out_dir / RUN_FILE).exists() else run
+    except (OSError, ValueError):
+        pass
     wall = time.monotonic() - started
     if run.get("status") in ("ok", "failed") and (code is not None or run["status"] == "failed"):
         return RunResult(out_dir, run["status"], run.get("reason", ""), run.get("failed_rank"), run.get("failed_step"),
@@ -247,9 +259,41 @@ def launch_torchrun(scenario: Scenario, scenario_path: Path, out_dir: Path, args
     if code == 0 and args.node_rank != 0:
         return RunResult(out_dir, "ok", f"node {args.node_rank} finished; rank 0 writes the record on node 0",
                          wall_time_s=wall)
+    last = next((line for line in reversed(tail.lines) if line.strip()), "")
     reason = (f"torchrun exceeded timeout_s + {TORCHRUN_GRACE_S:g} s and was killed" if code is None
               else f"torchrun exited with code {code} before rank 0 finished the record")
-    result = RunResult(out_dir, "failed", reason, wall_time_s=wall)
-    if run.get("status") == "running":  # rank 0 died (or was killed here) before finishing its record
+    if code is None and plan.nnodes > 1:
+        reason += f" (waiting for {plan.nnodes} nodes at {plan.master_addr}:{plan.master_port}?)"
+    result = RunResult(out_dir, "failed", reason + (f": {last.strip()[:300]}" if last and code is not None else ""),
+                       wall_time_s=wall)
+    if run.get("status") == "running":  # rank 0 never started, died, or was killed here
         finish_record(out_dir, run, result)
     return result
+
+
+class _StderrTail:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.thread: Any = None
+
+    def join(self, timeout: float) -> None:
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+
+def _forward_stderr(proc: Any, keep: int = 20) -> _StderrTail:
+    """Copy torchrun's stderr to ours as it comes, keeping its last ``keep`` lines for the reason."""
+    import threading
+
+    tail = _StderrTail()
+
+    def pump() -> None:
+        for raw in iter(proc.stderr.readline, b""):
+            line = raw.decode("utf-8", "replace")
+            tail.lines = (tail.lines + [line])[-keep:]
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
+    tail.thread = threading.Thread(target=pump, name="torchrun-stderr", daemon=True)
+    tail.thread.start()
+    return tail

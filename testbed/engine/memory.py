@@ -102,3 +102,54 @@ def _activations(config: dict[str, Any] | None, scenario: Scenario, precision: s
     head = tokens * vocab * (act + 4 + 4)
     mode = "with gradient checkpointing" if checkpointing else "no checkpointing"
     return body + head, f"micro-batch {scenario.batch_size} × {seq} tokens, {mode}"
+
+
+# ---- sizes that cannot exist on this machine (refused before launch) -----------------------------
+
+def total_memory_bytes() -> int | None:
+    """MemTotal + SwapTotal from /proc/meminfo (Linux); None elsewhere (nothing is refused then)."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        return sum(int(fields[k].split()[0]) * 1024 for k in ("MemTotal", "SwapTotal") if k in fields)
+    except (OSError, ValueError):
+        return None
+
+
+def component_bytes(scenario: Scenario) -> list[tuple[str, int, str]]:
+    """``(field, bytes per rank, how)`` for what a rank of this scenario holds that its settings
+    decide: the dataset (built whole in every rank) and the model's states (weights, gradients,
+    DDP buckets, optimizer states; float32). Only kinds that declare their sizes
+    (``memory_bytes`` on a dataset, ``parameter_count`` on a model) are counted."""
+    from testbed.scenario.tables import DATASETS, MODELS
+
+    out = []
+    dataset = DATASETS.get(scenario.data.kind)
+    if callable(size := getattr(dataset, "memory_bytes", None)):
+        out.append(("data.size", int(size(scenario.data.params)), f"[data] kind {scenario.data.kind!r}"))
+    model = MODELS.get(scenario.model.kind)
+    if callable(count := getattr(model, "parameter_count", None)):
+        params = int(count(scenario.model.params, scenario.data.params))
+        opt = scenario.optim
+        states = 2 if opt.kind == "adamw" else (1 if opt.params.get("momentum", 0.0) else 0)
+        field = f"model.{getattr(model, 'size_field', 'kind')}"
+        out.append((field, params * 4 * (3 + states), f"{params:,} parameters × 4 B × {3 + states} copies"))
+    return out
+
+
+def check_fits(scenario: Scenario) -> None:
+    """ScenarioError if the ranks' datasets and model states together exceed this machine's memory
+    and swap: such a run can only end in the OOM killer (``data.size = 1e10`` asked 320 GB)."""
+    from testbed.scenario.errors import ScenarioError
+
+    total = total_memory_bytes()
+    parts = component_bytes(scenario)
+    if total is None or not parts:
+        return
+    ranks = scenario.world_size if scenario.device in ("cpu", "auto") else 1
+    need = ranks * sum(b for _, b, _ in parts)
+    if need > total:
+        field, biggest, how = max(parts, key=lambda p: p[1])
+        raise ScenarioError(scenario.source, field, f"a size this machine can hold: {how} needs {biggest / GIB:.3g} GiB "
+                            f"per rank, {need / GIB:.3g} GiB for {ranks} rank(s) in all, but memory + swap here is "
+                            f"{total / GIB:.3g} GiB", scenario.data.params.get("size") if field == "data.size" else
+                            scenario.model.params.get(field.split(".", 1)[1]))

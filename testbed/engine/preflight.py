@@ -72,7 +72,11 @@ def machine_warnings(scenario: Scenario, device_type: str = "cpu") -> list[str]:
 
 
 def check_components(scenario: Scenario) -> None:
-    """Run every component's ``preflight``; raises ScenarioError naming the file and field."""
+    """Run every component's ``preflight`` and the size check (``engine.memory.check_fits``);
+    raises ScenarioError naming the file and field."""
+    from testbed.engine.memory import check_fits
+
+    check_fits(scenario)
     if not scenario.schedule.is_constant and importlib.util.find_spec("transformers") is None:
         raise ScenarioError(scenario.source, "optim.schedule", "'constant' without warmup, or transformers installed "
                             "(pip install -e '.[hf]'): warmup and decay use transformers' schedulers",

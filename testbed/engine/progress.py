@@ -159,9 +159,12 @@ class ProgressDisplay:
         self.tty = self.stream.isatty() if tty is None else tty
         self.last_line, self.last_steps = time.monotonic(), -1
         self.last_drawn: tuple[int, str, int] | None = None
-        self.bar: Any = tqdm(total=self.total, file=self.stream, desc=label or "testbed", unit="step", leave=True,
-                             bar_format=BAR_FORMAT, ncols=terminal_size(self.stream)[0],
-                             nrows=terminal_size(self.stream)[1]) if self.tty else None
+        # the bar's own cursor control must reach the terminal: the CLI's stream escapes control
+        # characters (cli/terminal.py) and offers ``terminal`` for exactly this; the text is ours
+        self.raw = getattr(self.stream, "terminal", self.stream)
+        self.bar: Any = tqdm(total=self.total, file=self.raw, desc=label or "testbed", unit="step", leave=True,
+                             bar_format=BAR_FORMAT, ncols=terminal_size(self.raw)[0],
+                             nrows=terminal_size(self.raw)[1]) if self.tty else None
 
     def update(self, s: Snapshot) -> None:
         if self.bar is not None:
@@ -191,7 +194,7 @@ class ProgressDisplay:
         """A line that stays (printed above the bar on a terminal)."""
         text = f"{self.label}: {text}" if self.label else f"testbed: {text}"
         if self.bar is not None:
-            self.bar.write(text, file=self.stream)
+            self.bar.write(text, file=self.raw)
         else:
             self.stream.write(text + "\n")
             self.stream.flush()

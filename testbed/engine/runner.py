@@ -1,8 +1,10 @@
 """The spawn launcher: N real processes on one machine, a c10d store on a free port, every wait
 bounded, and a failure report that names the rank, the step and its traceback.
 
-The parent hosts the TCPStore (port 0 → the OS picks a free port, so parallel runs never clash)
-and watches the ranks. It ends the run when all ranks exit, when one fails (after a short grace
+The parent hosts the TCPStore on a socket it binds to 127.0.0.1 itself (port 0 → the OS picks a
+free port, so parallel runs never clash; TCPStore alone would listen on every interface, where any
+host could read and set the rendezvous keys mid-run), and the ranks' gloo transport is pinned to
+the loopback interface: a single-node run opens no port beyond loopback. It watches the ranks. It ends the run when all ranks exit, when one fails (after a short grace
 for its peers to report), when the shared progress counters stop moving for
 ``stall_timeout_s`` (a hung rank), or at ``timeout_s``. Whatever happens, no rank survives it.
 """
@@ -23,10 +25,12 @@ from typing import Any
 
 from testbed.engine.finalize import finish_record, remove_stale_record, start_record
 from testbed.engine.preflight import check_components, check_devices
-from testbed.engine.signals import LauncherStopped, StopOnSignals
+from testbed.engine.loopback import loopback_interface, loopback_store
+from testbed.engine.signals import LauncherStopped, StopOnSignals, check_stop
 from testbed.engine.teardown_wait import TeardownWait
 from testbed.record.files import read_json
 from testbed.record.rundir import DirLock, claim_run_dir
+from testbed.record.safeio import open_record
 from testbed.scenario.errors import ScenarioError
 from testbed.scenario.spec import Scenario
 
@@ -72,6 +76,9 @@ def _rank_main(scenario_dict: dict[str, Any], rank: int, world_size: int, port: 
     scenario = Scenario.from_dict(scenario_dict)
     ctx = worker.RankContext(rank, world_size, rank, Path(out_dir), progress=progress)
     _exit_with_parent(os.getppid())
+    loopback = loopback_interface()
+    if loopback and "GLOO_SOCKET_IFNAME" not in os.environ:  # one node: gloo listens on loopback only
+        os.environ["GLOO_SOCKET_IFNAME"] = loopback
     _stack_dump_on_signal(Path(out_dir), rank)
     try:
         # The store's timeout bounds the rendezvous, which waits for the slowest rank's start-up.
@@ -122,8 +129,7 @@ def _stack_dump_on_signal(out_dir: Path, rank: int) -> None:
     if not hasattr(signal, "SIGUSR1"):
         return
     path = out_dir / "ranks" / f"rank{rank}.stack"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _stack_files.append(open(path, "w", encoding="utf-8"))
+    _stack_files.append(os.fdopen(open_record(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w", encoding="utf-8"))
     faulthandler.register(signal.SIGUSR1, file=_stack_files[-1], all_threads=True)
 
 
@@ -147,8 +153,6 @@ def launch(scenario: Scenario, out_dir: Path, overwrite: bool = False, claim: Di
 
 
 def _launch_claimed(scenario: Scenario, out_dir: Path, signals: StopOnSignals) -> RunResult:
-    import torch.distributed as dist
-
     started = time.monotonic()
     n = scenario.world_size
     run: dict[str, Any] = {}
@@ -163,14 +167,14 @@ def _launch_claimed(scenario: Scenario, out_dir: Path, signals: StopOnSignals) -
         except ScenarioError as e:  # bound to fail on every rank: recorded, no rank started
             result = RunResult(out_dir, "failed", f"refused before the ranks started: {e}")
             return result
-        store = dist.TCPStore("127.0.0.1", 0, n + 1, is_master=True, wait_for_workers=False,
-                              timeout=datetime.timedelta(seconds=scenario.stall_timeout_s))
+        store = loopback_store(n, scenario.stall_timeout_s)
         ctx = mp.get_context("spawn")
         progress = ctx.Array("q", [-1] * n, lock=False)
         procs = [ctx.Process(target=_rank_main, name=f"testbed-rank{r}",
                              args=(scenario.to_dict(), r, n, store.port, str(out_dir), progress))
                  for r in range(n)]
         for p in procs:
+            check_stop()  # a gate or a sweep asked every launcher to stop
             p.start()
         result = _watch(scenario, procs, progress, out_dir, started)
     except LauncherStopped as exc:  # SIGTERM / SIGHUP: recorded, ranks killed, then re-raised
@@ -199,6 +203,7 @@ def _watch(scenario: Scenario, procs: list[Any], progress: Any, out_dir: Path, s
     teardown: TeardownWait | None = None  # from when every rank has done all its work
     finished = _finished_progress(scenario)
     while True:
+        check_stop()
         now = time.monotonic()
         for r, p in enumerate(procs):
             if p.exitcode is not None and r not in exit_order:

@@ -17,7 +17,6 @@ tolerance when ``|current - baseline| <= abs + rel * |baseline|``; booleans must
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +24,10 @@ from typing import Any, Mapping
 
 from testbed.scenario.expect import BOUNDED_METRICS
 from testbed.gate.checks import RunData, series, statistic
-from testbed.record.files import write_json_atomic
+from testbed.record.files import read_json, write_json_atomic
+from testbed.schema.records import BASELINE_FORMAT, FAIL_IF, FieldProblem, check_baseline
 
-FORMAT = "testbed-baseline/1"
+FORMAT = BASELINE_FORMAT
 #: metrics whose mean and peak (after the warm-up) are recorded
 BASELINE_METRICS = ("loss_cv", "grad_norm_cv", "cos_mean", "pairwise_cos_mean")
 DEFAULT_TOLERANCES: dict[str, dict[str, Any]] = {
@@ -39,7 +39,6 @@ DEFAULT_TOLERANCES: dict[str, dict[str, Any]] = {
     "global_loss": {"abs": 0.01, "rel": 0.02},
     "nonfinite": {"abs": 0, "rel": 0, "fail_if": "higher"},
 }
-FAIL_IF = ("either", "higher", "lower")
 
 
 class BaselineError(ValueError):
@@ -98,38 +97,34 @@ def run_values(run: RunData, warmup_steps: int = 0) -> dict[str, Any]:
 
 
 def load(path: Path) -> dict[str, Any]:
+    """The baseline file, validated (``schema.records.check_baseline``) before any scenario runs:
+    a regular file, strict JSON (no NaN / Infinity: an ``"abs": Infinity`` tolerance passed
+    anything), finite values and tolerances. BaselineError (one line) otherwise."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path)
     except FileNotFoundError:
         raise BaselineError(f"{path}: no such baseline file (create it with --update-baseline)") from None
     except (OSError, ValueError) as e:
-        raise BaselineError(f"{path}: not a readable JSON baseline ({e})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("scenarios"), dict):
-        raise BaselineError(f"{path}: expected a JSON object with format {FORMAT!r} and a 'scenarios' object")
-    _check_tolerances(data.get("tolerances", {}), f"{path}: tolerances")
-    for name, entry in data["scenarios"].items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("values"), dict):
-            raise BaselineError(f"{path}: scenarios.{name}: expected an object with a 'values' object")
-        _check_tolerances(entry.get("tolerances", {}), f"{path}: scenarios.{name}.tolerances")
-        for key, value in entry["values"].items():  # refused before any scenario runs, not a TypeError after
-            if not (isinstance(value, bool) or (isinstance(value, (int, float)) and math.isfinite(value))):
-                raise BaselineError(f"{path}: scenarios.{name}.values.{key}: expected a finite number or "
-                                    f"true/false, got {json.dumps(value)}")
-    return data
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise BaselineError(f"{path}: not a readable JSON baseline ({why})") from None
+    try:
+        return check_baseline(data)
+    except FieldProblem as e:
+        raise BaselineError(f"{path}: {e.field}: expected {e.expected}"
+                            + (f", got {_shown(e.got)}" if e.got is not ... else "")) from None
 
 
-def _check_tolerances(table: Any, where: str) -> None:
-    if not isinstance(table, dict):
-        raise BaselineError(f"{where}: expected an object of {{'abs', 'rel', 'fail_if'}} entries")
-    for key, tol in table.items():
-        ok = isinstance(tol, dict) and set(tol) <= {"abs", "rel", "fail_if"} \
-            and tol.get("fail_if", "either") in FAIL_IF \
-            and all(isinstance(tol.get(k, 0), (int, float)) and not isinstance(tol.get(k, 0), bool)
-                    and tol.get(k, 0) >= 0 for k in ("abs", "rel"))
-        if not ok:
-            raise BaselineError(f"{where}.{key}: expected {{\"abs\": N >= 0, \"rel\": N >= 0, "
-                                f"\"fail_if\": one of {', '.join(FAIL_IF)}}}, got {tol!r}")
+def _shown(value: Any) -> str:
+    from testbed.record.files import dumps
+    from testbed.schema.records import printable
+
+    try:
+        text = dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    text = printable(text)
+    return text[:80] + "..." if len(text) > 80 else text
 
 
 def tolerance(data: Mapping[str, Any], scenario: str, key: str) -> Tolerance:

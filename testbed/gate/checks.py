@@ -5,14 +5,13 @@ missing files) because a gate that crashes tells the reader less than one that s
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from testbed.diagnose.verdict import verdict_record
-from testbed.record.files import EVENTS_FILE, RUN_FILE, read_jsonl, read_metrics
+from testbed.record.files import EVENTS_FILE, RUN_FILE, read_jsonl, read_metrics, read_run
 from testbed.scenario.expect import Bound, Expectations, is_int, is_number
 
 Row = dict[str, Any]
@@ -56,7 +55,7 @@ class RunData:
     def load(run_dir: Path) -> "RunData":
         run_dir = Path(run_dir)
         try:
-            run = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
+            run = read_run(run_dir)
         except (OSError, ValueError) as e:
             run = {"status": "failed", "reason": f"no readable {RUN_FILE} in {run_dir} ({e})"}
         return RunData(read_metrics(run_dir), read_jsonl(run_dir / EVENTS_FILE), run.get("status") == "ok",

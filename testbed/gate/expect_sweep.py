@@ -7,23 +7,23 @@ with ``run_dir`` relative to ``SWEEP_DIR``; levels are compared in ``index`` ord
 """
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 from testbed.scenario.expect import BOUNDED_METRICS, Expectations
 from testbed.gate.checks import Finding, RunData, evaluate, series, statistic
+from testbed.record.files import read_sweep
 
 
 def load_sweep(sweep_dir: Path) -> list[tuple[str, RunData | None, str]]:
-    """``(label, run or None, status)`` per level of a ``sweep.json``, in level-index order."""
-    record = json.loads((Path(sweep_dir) / "sweep.json").read_text(encoding="utf-8"))
+    """``(label, run or None, status)`` per level of a ``sweep.json`` (validated: each ``run_dir``
+    stays inside the sweep directory), in level-index order."""
+    record = read_sweep(Path(sweep_dir))
     out = []
     for level in sorted(record["levels"], key=lambda lv: lv["index"]):
-        label, status = str(level.get("label", level["index"])), str(level.get("status", "?"))
-        run_dir = Path(sweep_dir) / level["run_dir"] if level.get("run_dir") else None
-        out.append((label, RunData.load(run_dir) if run_dir and run_dir.is_dir() else None, status))
+        run_dir = Path(sweep_dir) / level["run_dir"]
+        out.append((level["label"], RunData.load(run_dir) if run_dir.is_dir() else None, level["status"]))
     return out
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from testbed.gate.outcome import Failure, Outcome
+from testbed.record.safeio import write_bytes_atomic
+from testbed.schema.records import printable
 
 HEADLINE = (("loss_cv.mean", "loss_cv"), ("grad_norm_cv.mean", "grad_norm_cv"), ("cos_mean.mean", "cos_mean"))
 
@@ -65,18 +67,25 @@ def junit_tree(outcomes: Sequence["Outcome"], wall_s: float) -> ET.ElementTree:
     suite = ET.SubElement(root, "testsuite", name="testbed.gate", tests=str(len(outcomes)), failures=str(failures),
                           errors="0", skipped="0", time=f"{sum(o.wall_s for o in outcomes):.3f}")
     for o in outcomes:
-        case = ET.SubElement(suite, "testcase", classname="testbed.gate", name=o.name, time=f"{o.wall_s:.3f}")
+        case = ET.SubElement(suite, "testcase", classname="testbed.gate", name=printable(o.name),
+                             time=f"{o.wall_s:.3f}")
         if o.failures:
             first = o.failures[0]
             message = f"{len(o.failures)} check(s) failed; first: {first.check}: {first.message}"
             body = "\n".join(_failure_line(f) for f in o.failures)
-            ET.SubElement(case, "failure", message=message, type="ConsistencyRegression").text = body
+            ET.SubElement(case, "failure", message=printable(message),
+                          type="ConsistencyRegression").text = _xml_text(body)
         passed = [f"{f.check}: {f.message}" for f in o.findings if f.passed]
         passed += [f"baseline {d.message}" for d in o.deviations if d.passed and d.message]
         header = f"scenario: {o.scenario.source}\nrun: {o.run_dir}\n"
-        ET.SubElement(case, "system-out").text = header + "\n".join(passed)
+        ET.SubElement(case, "system-out").text = _xml_text(header + "\n".join(passed))
     ET.indent(root)
     return ET.ElementTree(root)
+
+
+def _xml_text(text: str) -> str:
+    """Multi-line text XML 1.0 can hold: control characters but newline and tab shown escaped."""
+    return "\n".join(printable(line.replace("\t", " ")) for line in text.split("\n"))
 
 
 def _failure_line(f: "Failure") -> str:
@@ -86,8 +95,12 @@ def _failure_line(f: "Failure") -> str:
 
 
 def write_junit(path: Path, outcomes: Sequence["Outcome"], wall_s: float) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    junit_tree(outcomes, wall_s).write(path, encoding="utf-8", xml_declaration=True)
+    """Written atomically (a reader never sees half a file; a full disk leaves the old one)."""
+    import io
+
+    buffer = io.BytesIO()
+    junit_tree(outcomes, wall_s).write(buffer, encoding="utf-8", xml_declaration=True)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def markdown(outcomes: Sequence["Outcome"], wall_s: float, baseline: str) -> str:
@@ -99,23 +112,22 @@ def markdown(outcomes: Sequence["Outcome"], wall_s: float, baseline: str) -> str
              "|---|---|---:|---:|---:|---|---:|"]
     for o in outcomes:
         cells = " | ".join(_headline(o))
-        lines.append(f"| `{o.name}` | {'pass' if o.passed else '**FAIL**'} | {cells} | {o.wall_s:.1f} |")
+        lines.append(f"| `{_md(o.name)}` | {'pass' if o.passed else '**FAIL**'} | {cells} | {o.wall_s:.1f} |")
     failed = [(o, f) for o in outcomes for f in o.failures]
     if failed:
         lines += ["", "### What failed", "", "| scenario | check | by how much | level | step | rank | detail |",
                   "|---|---|---|---|---:|---:|---|"]
         for o, f in failed:
             level, step, rank = _where(f)
-            lines.append(f"| `{o.name}` | `{f.check}` | {_md(f.amount or '-')} | {level} | {step} | {rank} | "
+            lines.append(f"| `{_md(o.name)}` | `{_md(f.check)}` | {_md(f.amount or '-')} | {level} | {step} | {rank} | "
                          f"{_md(f.message)} |")
     lines += ["", "Metric columns: mean over measured steps after the warm-up (`warmup_steps`)."]
     return "\n".join(lines) + "\n"
 
 
 def _md(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    return printable(str(text).replace("\n", " ")).replace("|", "\\|").replace("`", "'")
 
 
 def write_markdown(path: Path, outcomes: Sequence["Outcome"], wall_s: float, baseline: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(markdown(outcomes, wall_s, baseline), encoding="utf-8")
+    write_bytes_atomic(path, markdown(outcomes, wall_s, baseline).encode("utf-8"))

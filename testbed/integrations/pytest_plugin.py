@@ -36,9 +36,17 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", f"{MARKER}: a testbed scenario file run as a test (--testbed)")
 
 
+def _read(path: Path) -> str:
+    """A regular file only (a FIFO named x.toml must not block collection), bounded in size."""
+    from testbed.scenario.readers import MAX_FILE_BYTES
+    from testbed.schema.jsonfile import read_document
+
+    return read_document(path, MAX_FILE_BYTES).decode("utf-8")
+
+
 def looks_like_scenario(path: Path) -> bool:
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(_read(path))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError):
         return True  # broken: collect it so that the error is reported
     except OSError:
@@ -57,8 +65,8 @@ class ScenarioFile(pytest.File):
 
     def collect(self) -> Iterator[pytest.Item]:
         try:
-            name = tomllib.loads(self.path.read_text(encoding="utf-8")).get("name")
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+            name = tomllib.loads(_read(self.path)).get("name")
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError):
             name = None
         yield ScenarioItem.from_parent(self, name=name if isinstance(name, str) and name.strip() else self.path.stem)
 
@@ -77,6 +85,7 @@ class ScenarioItem(pytest.Item):
         from testbed.engine.device import DeviceError, resolve_device_type
         from testbed.gate.gate import gate, slug
         from testbed.gate.outputs import text
+        from testbed.record.files import RunDirError
         from testbed.scenario.spec import ScenarioError, load_scenario
 
         try:
@@ -89,14 +98,17 @@ class ScenarioItem(pytest.Item):
             data = baselines.load(Path(option)) if option else None
             out = self.config._tmp_path_factory.mktemp(slug(scenario.name), numbered=True)
             outcome = gate([scenario], out, data, log=lambda line: None)[0]
-        except (ScenarioError, baselines.BaselineError) as e:
+        except (ScenarioError, baselines.BaselineError, RunDirError) as e:
             raise ScenarioCheckFailed(str(e)) from None
         if not outcome.passed:
             raise ScenarioCheckFailed(text([outcome]))
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
         if isinstance(excinfo.value, ScenarioCheckFailed):
-            return f"scenario {self.name} ({self.path}):\n{excinfo.value}"
+            from testbed.schema.records import printable
+
+            text = "\n".join(printable(line) for line in str(excinfo.value).splitlines())  # no terminal control
+            return f"scenario {printable(self.name)} ({self.path}):\n{text}"
         return super().repr_failure(excinfo, style)
 
     def reportinfo(self) -> tuple[Path, int | None, str]:

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from testbed.engine.checkin import CheckIn
-from testbed.engine.finalize import finish_record, remove_stale_record
+from testbed.engine.finalize import finish_record
 from testbed.record.files import RUN_FILE, RunDirError, environment, write_json_atomic
 from testbed.record.rundir import DirLock, claim_run_dir
 from testbed.schema import run as K
@@ -102,9 +102,7 @@ class MonitorRecord:
         decision = self._share_decision(decision)
         if decision:
             raise RunDirError(self.out_dir, decision.replace("pass --overwrite", "pass overwrite=True"))
-        if replaced:
-            remove_stale_record(self.out_dir)
-        return replaced
+        return replaced  # claim_run_dir removed the earlier record (only its own files, never a link)
 
     def _share_decision(self, decision: str) -> str:
         if self.world_size == 1:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal, Mapping
 
 import torch
 
@@ -93,8 +93,15 @@ def replicate_batch(plan: StepPlan, *, source_rank: int = 0) -> None:
 # --- the wider catalog: data skew, label noise, RNG drift, timing, silent corruption, mismatches ---
 
 
-@PERTURBATIONS.register("shard_skew")
-def shard_skew(plan: StepPlan, *, groups: int, keep: list[int]) -> None:
+def _keep_in_groups(p: Mapping[str, Any]) -> tuple[str, str] | None:
+    keep, groups = p["keep"], p["groups"]
+    if not keep or any(not 0 <= k < groups for k in keep):
+        return "keep", f"a non-empty list of groups in 0..{groups - 1} (groups = {groups})"
+    return None
+
+
+@PERTURBATIONS.register("shard_skew", check=_keep_in_groups)
+def shard_skew(plan: StepPlan, *, groups: Annotated[int, Bounds(ge=1)], keep: list[int]) -> None:
     """Non-IID shard: the rank reads only samples of the groups in ``keep``.
 
     Works on datasets that lay groups out cyclically, record ``i`` in group ``i % groups`` (the
@@ -145,7 +152,8 @@ def label_noise(plan: StepPlan, *, fraction: Annotated[float, Bounds(ge=0, le=1)
     plan.batch_transforms.append(redraw)
 
 
-@PERTURBATIONS.register("dropout_desync")
+@PERTURBATIONS.register("dropout_desync",
+                        check=lambda p: ("offset", "a non-zero integer (0 changes nothing)") if p["offset"] == 0 else None)
 def dropout_desync(plan: StepPlan, *, offset: int = 1) -> None:
     """RNG drift: the rank's per-step random stream (its dropout masks) runs ``offset`` steps off.
 
@@ -223,3 +231,6 @@ def precision_mismatch(plan: StepPlan, *, dtype: Literal["bfloat16", "float16"] 
     for everyone, so weights stay in sync unless something downstream of the all-reduce differs.
     """
     plan.autocast_dtype = getattr(torch, dtype)
+
+
+label_noise.batch_key_params = ("key",)  # type: ignore[attr-defined]  # must name a key of the batch (scenario/compat.py)

@@ -1,7 +1,12 @@
 """The run record on disk: ``metrics.jsonl`` (a line per measured step, flushed as it is written),
 ``run.json`` (resolved scenario, status, timings, environment; replaced atomically) and
 ``ranks/`` (per-rank error reports). Nothing completed is lost when a run fails: a JSON-lines
-file only ever holds whole lines once a run has ended, and a reader says which lines it skipped."""
+file only ever holds whole lines once a run has ended, and a reader says which lines it skipped.
+
+Writers never follow a symbolic link (``record.safeio``). Readers stream (a 10⁶-line
+metrics.jsonl is read line by line, never held whole) and validate against the record's schema
+(``schema/records.py``): a malformed document is one ``RecordError`` naming the file and the
+field, a malformed line is skipped with a ``RecordWarning`` naming the line and the field."""
 from __future__ import annotations
 
 import json
@@ -11,11 +16,14 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
+
+from testbed.record.safeio import RunDirError, open_record, write_bytes_atomic
+from testbed.schema.jsonfile import load_json, open_regular
+from testbed.schema.records import FieldProblem, RecordError, check_row, check_run, check_sweep
 
 METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.json"
@@ -23,28 +31,12 @@ EVENTS_FILE = "events.jsonl"
 TIMING_FILE = "timing.jsonl"
 
 
-def _file_mode() -> int:
-    """0o666 minus the umask: what ``open()`` gives, so run.json matches the other files (mkstemp
-    alone makes it 0600). Read once at import, where no other thread can be creating files."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-FILE_MODE = _file_mode()
-
-
 class RecordWarning(UserWarning):
     """A record file had lines a reader could not use; the message says which lines and why."""
 
 
-class RunDirError(Exception):
-    """A run directory cannot take this run: not creatable or writable, in use by another run,
-    or holding an earlier run. One line for the person who chose it (a usage error, exit 2)."""
-
-    def __init__(self, path: Path | str, why: str):
-        self.path, self.why = Path(path), why
-        super().__init__(f"{path}: {why}")
+#: a line longer than this is skipped unread (a 4096-rank pairwise matrix is ~200 MB: not a row we write)
+MAX_LINE_BYTES = 64 << 20
 
 
 def _clean(obj: Any) -> Any:
@@ -64,20 +56,10 @@ def dumps(obj: Any) -> str:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write to a temp file in the same directory, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(_clean(obj), indent=2, sort_keys=True, allow_nan=False, default=str) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write to a new temp file in the same directory, fsync, then rename over ``path``; a link at
+    ``path`` is refused (``RunDirError``), never written through (``record.safeio``)."""
+    text = json.dumps(_clean(obj), indent=2, sort_keys=True, allow_nan=False, default=str) + "\n"
+    write_bytes_atomic(Path(path), text.encode("utf-8"))
 
 
 class JsonlWriter:
@@ -85,12 +67,15 @@ class JsonlWriter:
 
     A line is written whole or not at all: if a write fails (a full disk: ENOSPC after part of the
     line went out), the file is cut back to its last complete line before the error is raised.
+    The file is opened without following a link (a planted one is a ``RunDirError``); ``new=True``
+    also refuses a file that already exists (``O_EXCL``).
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, new: bool = False):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | (os.O_EXCL if new else 0)
+        self._fd = open_record(self.path, flags, 0o666)
 
     def write(self, row: Mapping[str, Any]) -> None:
         data = (dumps(row) + "\n").encode("utf-8")
@@ -119,62 +104,116 @@ def repair_jsonl(path: Path) -> int:
     """Cut a torn last line (a writer killed mid-line) so the file holds whole lines only; returns
     the bytes removed. Only for a file no one writes any more (the launcher, after the ranks)."""
     try:
-        with open(path, "r+b") as f:
-            size = f.seek(0, os.SEEK_END)
-            end = size
-            while end > 0:
-                start = max(0, end - 65536)
-                f.seek(start)
-                newline = f.read(end - start).rfind(b"\n")
-                if newline >= 0:
-                    end = start + newline + 1
-                    break
-                end = start
-            if end < size:
-                f.truncate(end)
-            return size - end
+        fd = open_record(path, os.O_RDWR)
     except FileNotFoundError:
         return 0
+    with os.fdopen(fd, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        end = size
+        while end > 0:
+            start = max(0, end - 65536)
+            f.seek(start)
+            newline = f.read(end - start).rfind(b"\n")
+            if newline >= 0:
+                end = start + newline + 1
+                break
+            end = start
+        if end < size:
+            f.truncate(end)
+        return size - end
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSON-lines file. Lines that are not a JSON object are skipped with a
-    ``RecordWarning`` naming their numbers and why: a torn line mid-file must not make a step
-    silently disappear from a report or a gate."""
+Check = Callable[[Any], Any]
+
+
+def _is_object(row: Any) -> Any:
+    return row
+
+
+def iter_jsonl(path: Path, check: Check = _is_object) -> Iterator[dict[str, Any]]:
+    """The rows of a JSON-lines file, read line by line (bounded memory). A line that is not JSON, or
+    that ``check`` refuses (a ``FieldProblem``), is skipped; when the iteration ends a
+    ``RecordWarning`` names the skipped lines and why: a torn line mid-file must not make a step
+    silently disappear from a report or a gate. A missing file has no rows; a file that is not a
+    regular file (a directory, a FIFO) is an OSError."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        fd = open_regular(path, max_bytes=None)
     except FileNotFoundError:
-        return []
-    rows: list[dict[str, Any]] = []
+        return
     skipped: list[str] = []
-    lines = data.split(b"\n")
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:  # JSONDecodeError, UnicodeDecodeError
-            last = number == len(lines)  # no newline after it: the writer never finished it
-            skipped.append(f"line {number} ({'incomplete last line' if last else 'not valid JSON'})")
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-        else:
-            skipped.append(f"line {number} (not a JSON object)")
+    number = kept = 0
+    with os.fdopen(fd, "rb") as f:
+        while line := f.readline(MAX_LINE_BYTES + 1):
+            number += 1
+            if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+                while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                    pass
+                skipped.append(f"line {number} (longer than {MAX_LINE_BYTES} bytes)")
+                continue
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, deep nesting
+                last = not line.endswith(b"\n")  # no newline after it: the writer never finished it
+                skipped.append(f"line {number} ({'incomplete last line' if last else 'not valid JSON'})")
+                continue
+            if not isinstance(row, dict):
+                skipped.append(f"line {number} (not a JSON object)")
+                continue
+            try:
+                row = check(row)
+            except FieldProblem as e:
+                skipped.append(f"line {number} ({e})")
+                continue
+            kept += 1
+            yield row
     if skipped:
         shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
-        warnings.warn(RecordWarning(f"{path}: skipped {len(skipped)} of {len(rows) + len(skipped)} line(s): {shown}"),
+        warnings.warn(RecordWarning(f"{path}: skipped {len(skipped)} of {kept + len(skipped)} line(s): {shown}"),
                       stacklevel=2)
-    return rows
+
+
+def read_jsonl(path: Path, check: Check = _is_object) -> list[dict[str, Any]]:
+    """Every row of ``iter_jsonl`` in a list (for files known to be small: events, a short run)."""
+    return list(iter_jsonl(path, check))
+
+
+def iter_metrics(run_dir: Path) -> Iterator[dict[str, Any]]:
+    """The valid metrics rows of a run, streamed (``schema.records.check_row``)."""
+    return iter_jsonl(Path(run_dir) / METRICS_FILE, check_row)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    return read_jsonl(Path(run_dir) / METRICS_FILE)
+    return list(iter_metrics(run_dir))
+
+
+def read_json(path: Path) -> Any:
+    """A JSON document: a regular file, bounded, strict (``schema.jsonfile``): OSError / ValueError."""
+    return load_json(Path(path))
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
-    return json.loads((Path(run_dir) / RUN_FILE).read_text(encoding="utf-8"))
+    """``run.json``, validated: OSError if unreadable, ``RecordError`` (a ValueError) if malformed."""
+    path = Path(run_dir) / RUN_FILE
+    return _checked(path, check_run)
+
+
+def read_sweep(sweep_dir: Path, name: str = "sweep.json") -> dict[str, Any]:
+    """``sweep.json``, validated like ``read_run``."""
+    return _checked(Path(sweep_dir) / name, check_sweep)
+
+
+def _checked(path: Path, check: Check) -> dict[str, Any]:
+    try:
+        record = load_json(path)
+    except ValueError as e:  # not UTF-8, not JSON, NaN, nested 200k deep
+        raise RecordError.whole(path, str(e)) from None
+    try:
+        return check(record)
+    except FieldProblem as e:
+        raise e.at(path) from None
 
 
 def iter_run_dirs(paths: list[Path]) -> Iterator[Path]:
@@ -238,7 +277,3 @@ def default_run_dir(name: str, root: Path = Path("runs")) -> Path:
             candidate = base.with_name(f"{base.name}-{n}")
         except OSError as e:  # read-only, no permission, a name too long
             raise RunDirError(candidate, f"cannot create the run directory ({e.strerror or e})") from None
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))

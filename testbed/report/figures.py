@@ -1,18 +1,26 @@
 """The report's figures, drawn with matplotlib's object API (``Figure`` + Agg: no pyplot state,
 no display needed). Each function takes already-loaded runs and writes one PNG.
 
-A run here is anything with ``label`` (legend text) and ``rows`` (metrics.jsonl rows); the report
-module supplies them. Axes switch to a log scale when the plotted positive values span at least
+A run here is anything with ``label`` (legend text) and ``rows`` (metrics.jsonl rows, or the bucket
+means of a long record: ``record/digest.py``); the report module supplies them. Text is drawn as
+plain text (``@plain_text``): a scenario or level name such as ``a$^$b`` was parsed as mathtext and
+crashed the report after the sweep had succeeded. PNGs are written atomically (a full disk left a
+0-byte PNG). Axes switch to a log scale when the plotted positive values span at least
 two decades; values ≤ 0 cannot be drawn there and the axis label says so.
 """
 from __future__ import annotations
 
+import functools
+import io
 import math
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence, TypeVar
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+
+from testbed.record.safeio import write_bytes_atomic
 from matplotlib.ticker import MaxNLocator
 
 LOG_SPAN = 100.0  # max/min of the positive values at which an axis goes logarithmic
@@ -55,9 +63,23 @@ def _maybe_log(ax: Any, values: np.ndarray, label: str, hidden: Sequence[str] = 
     return log
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def plain_text(draw: F) -> F:
+    """Every text of the figure ``draw`` makes is literal: no mathtext, no LaTeX (names are the user's)."""
+    @functools.wraps(draw)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
+            return draw(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 def _save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=DPI, format="png")
+    write_bytes_atomic(path, buffer.getvalue())
     return path
 
 
@@ -68,6 +90,7 @@ def _colors(n: int) -> list[Any]:
     return [cmap(i / max(n - 1, 1)) if n > 10 else cmap(i) for i in range(n)]
 
 
+@plain_text
 def rank_losses(runs: Sequence[PlottedRun], path: Path, title: str, panel_titles: Sequence[str] | None = None,
                 sharey: bool = False) -> Path:
     """Small multiples, one panel per run: each rank's loss (thin) under the global loss (black).
@@ -130,6 +153,7 @@ DISPERSION_PANELS: tuple[tuple[str, str], ...] = (
 )
 
 
+@plain_text
 def dispersion_vs_step(runs: Sequence[PlottedRun], path: Path, title: str, legend_title: str | None = None) -> Path:
     """One panel per dispersion metric, one line per run (e.g. per ladder level).
 
@@ -192,6 +216,7 @@ def _mark_events(axes: Sequence[Any], run: PlottedRun, color: Any, slot: int) ->
     return len(events)
 
 
+@plain_text
 def dispersion_vs_level(ticks: Sequence[str], positions: Sequence[float], runs: Sequence[PlottedRun],
                         path: Path, title: str, xlabel: str) -> Path:
     """Run mean of each dispersion metric against the desync level; bars: interquartile range
@@ -218,6 +243,7 @@ def dispersion_vs_level(ticks: Sequence[str], positions: Sequence[float], runs: 
     return _save(fig, path)
 
 
+@plain_text
 def pairwise_heatmaps(items: Sequence[tuple[str, int, Sequence[Sequence[float | None]]]], path: Path,
                       title: str) -> Path:
     """Small multiples of N×N cosine matrices of the ranks' local gradients, one per

@@ -1,107 +1,31 @@
 """``testbed report RUN_DIR|SWEEP_DIR ... [--out DIR]``: figures and one self-contained HTML page.
 
-Inputs are run directories (``metrics.jsonl``, ``run.json``) and sweep directories
-(``sweep.json`` = ``{"scenario", "source", "parameter", "levels": [{"index", "label", "value",
-"run_dir" (relative to the sweep dir), "status"}]}``, levels taken in ``index`` order). Writes
+Inputs (``report/load.py``): run and sweep directories, read through their schemas and streamed,
+so a record of any length is drawn from at most ``record.digest.PLOT_POINTS`` rows per run. Writes
 PNGs (``testbed.report.figures``), ``report.json`` (the tables) and ``index.html`` with the PNGs embedded
-as base64, so the page can be mailed or attached to a CI job as one file.
+as base64, so the page can be mailed or attached to a CI job as one file. Every file is written
+atomically without following a link (a full disk leaves no 0-byte PNG). A new figure is a function
+in ``figures.py`` and one line in ``sweep_figures`` / ``run_figures``.
 """
 from __future__ import annotations
 
 import base64
 import html
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from testbed.diagnose.attribution import describe as describe_outlier
 from testbed.diagnose.text import verdict_cell
-from testbed.diagnose.verdict import verdict_record
-from testbed.record.files import METRICS_FILE, RUN_FILE, read_json, read_metrics, write_json_atomic
-from testbed.diagnose.summary import SUMMARY_METRICS, summarize
+from testbed.diagnose.summary import SUMMARY_METRICS
+from testbed.record.files import write_json_atomic
+from testbed.record.names import segment
+from testbed.record.safeio import write_bytes_atomic
+from testbed.report.load import ReportInputError, RunData, SweepData, load_inputs, load_run, load_sweep
 
-SWEEP_FILE = "sweep.json"
+__all__ = ["ReportInputError", "RunData", "SweepData", "load_inputs", "load_run", "load_sweep", "write_report",
+           "format_level_table", "level_axis", "level_table"]
 LEVEL_COLUMNS: tuple[str, ...] = ("loss_cv", "grad_norm_cv", "cos_mean", "pairwise_cos_mean", "noise_scale")
-
-
-@dataclass
-class RunData:
-    """One run as the report sees it."""
-
-    label: str
-    run_dir: Path
-    rows: list[dict[str, Any]]
-    status: str
-    summary: dict[str, Any]
-    level: dict[str, Any] | None = None  # its entry in sweep.json, if it is a sweep level
-    verdict: dict[str, Any] = field(default_factory=dict)  # run.json["verdict"] (docs/diagnosis.md)
-
-
-@dataclass
-class SweepData:
-    sweep_dir: Path
-    scenario: str
-    parameter: str
-    source: str
-    runs: list[RunData] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)  # levels whose run dir has no metrics
-
-
-def load_run(run_dir: Path, label: str | None = None, level: dict[str, Any] | None = None) -> RunData:
-    run_dir = Path(run_dir)
-    rows = read_metrics(run_dir)
-    meta = read_json(run_dir / RUN_FILE) if (run_dir / RUN_FILE).exists() else {}
-    name = label or meta.get("scenario", {}).get("name") or meta.get("name") or run_dir.name  # a monitor's: name
-    status = (level or {}).get("status") or meta.get("status", "unknown")
-    verdict = meta.get("verdict") if isinstance(meta.get("verdict"), dict) else None
-    world_size = meta.get("scenario", {}).get("world_size")
-    return RunData(name, run_dir, rows, status, summarize(rows), level,
-                   verdict or verdict_record(rows, world_size=world_size))
-
-
-def load_sweep(sweep_dir: Path) -> SweepData:
-    meta = read_json(Path(sweep_dir) / SWEEP_FILE)
-    sweep = SweepData(Path(sweep_dir), str(meta.get("scenario", "")), str(meta.get("parameter", "")),
-                      str(meta.get("source", "")))
-    for level in sorted(meta.get("levels", []), key=lambda lv: lv["index"]):
-        run_dir = Path(sweep_dir) / level["run_dir"]
-        label = str(level.get("label", level["index"]))
-        if (run_dir / METRICS_FILE).exists():
-            sweep.runs.append(load_run(run_dir, label, level))
-        else:
-            sweep.missing.append(f"{label} ({level.get('status', 'no record')})")
-    return sweep
-
-
-def load_inputs(paths: Sequence[Path]) -> tuple[list[SweepData], list[RunData]]:
-    """Sweep dirs (``sweep.json``) and run dirs (``metrics.jsonl``); anything else is an error."""
-    sweeps, runs = [], []
-    for p in map(Path, paths):
-        if (p / SWEEP_FILE).exists():
-            sweeps.append(load_sweep(p))
-        elif (p / METRICS_FILE).exists():
-            runs.append(load_run(p))
-        else:
-            raise FileNotFoundError(f"{p}: neither a run directory ({METRICS_FILE}) "
-                                    f"nor a sweep directory ({SWEEP_FILE})")
-    labels = [r.label for r in runs]
-    for r in runs:  # two runs of one scenario: tell them apart by the end of their paths that differs
-        same = [o.run_dir for o in runs if labels[runs.index(o)] == labels[runs.index(r)]]
-        if len(same) > 1:
-            r.label = f"{r.label} ({distinct_suffix(r.run_dir, same)})"
-    return sweeps, runs
-
-
-def distinct_suffix(path: Path, among: Sequence[Path]) -> str:
-    """The shortest end of ``path`` that no other path in ``among`` shares (``A/testbed`` for
-    ``A/testbed`` among ``B/testbed``); the whole path if none is shorter."""
-    parts = Path(path).resolve().parts
-    others = [Path(o).resolve().parts for o in among if Path(o).resolve() != Path(path).resolve()]
-    for k in range(1, len(parts) + 1):
-        if all(o[-k:] != parts[-k:] for o in others):
-            return "/".join(parts[-k:])
-    return str(path)
 
 
 def level_table(sweep: SweepData) -> list[dict[str, Any]]:
@@ -135,7 +59,8 @@ def _num(value: Any) -> str:
 
 
 def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)[:60] or "run"
+    """A figure file name's stem: one safe, collision-free path segment (``record.names``)."""
+    return segment(text or "run")
 
 
 def level_axis(sweep: SweepData) -> tuple[list[float], list[str], str]:
@@ -194,9 +119,8 @@ def pairwise_figure(runs: Sequence[RunData], panels: Sequence[str], path: Path, 
     """Heatmaps of each run's last recorded pairwise matrix (runs without one are left out)."""
     items = []
     for run, panel in zip(runs, panels):
-        last = next((r for r in reversed(run.rows) if r.get("pairwise_cos")), None)
-        if last is not None:
-            items.append((panel, last["step"], last["pairwise_cos"]))
+        if run.last_pairwise is not None:
+            items.append((panel, *run.last_pairwise))
     return _figures().pairwise_heatmaps(items, path, title) if items else None
 
 
@@ -215,6 +139,12 @@ def summary_html(run: RunData) -> str:
         notes.append(f"outlier: {html.escape(describe_outlier(s['outlier']))}")
     if s.get("flag_count"):
         notes.append(f"flags: {s['flag_count']}")
+    if run.sampling.get("plot_stride", 1) > 1:
+        v = run.sampling["verdict_input"]
+        notes.append(f"{run.sampling['rows']} rows: figures show {run.sampling['plot_points']} points, each the mean "
+                     f"of {run.sampling['plot_stride']} steps; summary exact; the verdict uses {v['rows']} rows "
+                     f"(every {v['every']}th plus {v['notable']} with flags or a failed weight check) if it was "
+                     "not recorded")
     return (f"<h3>{html.escape(run.label)}</h3><p class=path>{html.escape(str(run.run_dir))}</p>"
             f"<ul>{''.join(f'<li>{n}</li>' for n in notes)}</ul>"
             f"<table><tr><th>metric</th><th>final</th><th>peak</th><th>mean</th></tr>{cells}</table>")
@@ -249,7 +179,10 @@ def write_report(paths: Sequence[Path], out: Path) -> dict[str, Any]:
     """Load, draw, and write ``index.html`` + ``report.json`` under ``out``; returns the tables."""
     sweeps, runs = load_inputs(paths)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ReportInputError(f"--out {out}: cannot be created ({e.strerror or e})") from None
     sections, record = [], {"sweeps": [], "runs": [], "figures": []}
     for sweep in sweeps:
         table = level_table(sweep)
@@ -268,6 +201,6 @@ def write_report(paths: Sequence[Path], out: Path) -> dict[str, Any]:
     page = (f"<!doctype html><html><head><meta charset=utf-8><title>testbed report</title><style>{STYLE}</style>"
             f"</head><body><h1>testbed report</h1><p class=path>generated {time.strftime('%Y-%m-%d %H:%M:%S')} from "
             f"{html.escape(', '.join(map(str, paths)))}</p>{''.join(sections)}</body></html>\n")
-    (out / "index.html").write_text(page, encoding="utf-8")
+    write_bytes_atomic(out / "index.html", page.encode("utf-8"))
     write_json_atomic(out / "report.json", record)
     return record

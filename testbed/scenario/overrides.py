@@ -12,16 +12,23 @@ from testbed.scenario.errors import ScenarioError
 
 
 def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    """``set_dotted(d, "perturbations.0.ranks", [1])``: list indices are integers in the path."""
+    """``set_dotted(d, "perturbations.0.ranks", [1])``: list indices are integers >= 0 in the path
+    (``perturbations.-1.ranks`` silently meant the last entry; now an IndexError)."""
     parts = key.split(".")
     node: Any = raw
     for part in parts[:-1]:
-        node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+        node = node[_index(part)] if isinstance(node, list) else node.setdefault(part, {})
     last = parts[-1]
     if isinstance(node, list):
-        node[int(last)] = value
+        node[_index(last)] = value
     else:
         node[last] = value
+
+
+def _index(part: str) -> int:
+    if not part.isdigit():  # "-1", "+1", " 1": Python would accept them, a path means one position
+        raise IndexError(f"list index {part!r} is not an integer >= 0")
+    return int(part)
 
 
 def parse_overrides(items: Iterable[str] | None, *, steps: int | None = None,

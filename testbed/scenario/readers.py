@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 from testbed.scenario.errors import ScenarioError
 from testbed.scenario.registry import Registry
+from testbed.schema.jsonfile import read_document
 
 # The default run directory is runs/<name>-<time>: a name is one path component (no separator, not
 # "." or "..") of at most MAX_NAME characters, so the directory stays under runs/ and its name
@@ -17,15 +18,19 @@ MAX_NAME, MAX_NAME_BYTES = 128, 200
 # No scenario field nests deeper than a few levels; a deeper document is refused before the
 # parser or the validator recurses into it (a 500-deep array was a 3,000-line RecursionError).
 MAX_DEPTH = 32
+MAX_FILE_BYTES = 16 << 20  # a scenario file is a few kB; a 300000-character name is 300 kB
 
 
 def read_toml(path: Path) -> dict[str, Any]:
-    """The file's TOML table (a UTF-8 byte-order mark is accepted), or one ScenarioError."""
+    """The file's TOML table (a UTF-8 byte-order mark is accepted), or one ScenarioError.
+
+    A regular file of at most ``MAX_FILE_BYTES`` only: a FIFO used to block forever and
+    ``/dev/zero`` to end in MemoryError (``schema.jsonfile.read_document``)."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = read_document(path, MAX_FILE_BYTES).decode("utf-8-sig")
     except FileNotFoundError:
         raise ScenarioError(path, "<file>", "an existing scenario file") from None
-    except OSError as e:  # a directory, no permission, an I/O error
+    except OSError as e:  # a directory, a FIFO, a device, too large, no permission, an I/O error
         raise ScenarioError(path, "<file>", f"a readable scenario file ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
         raise ScenarioError(path, "<file>", f"valid TOML ({e})") from None

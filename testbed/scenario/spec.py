@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from testbed.scenario import cadence as cadence_rule
 from testbed.scenario.bounds import FLOAT32_MAX, representable
+from testbed.scenario.compat import check_batch_keys
 from testbed.scenario.errors import ScenarioError
 from testbed.scenario.expect import validate_expect
 from testbed.scenario.overrides import set_dotted
@@ -129,6 +130,7 @@ _BACKENDS = ("auto", "gloo", "nccl", "hccl")
 MAX_WORLD_SIZE = 4096
 MAX_STEPS = 10**9
 MAX_SECONDS = 10**7  # ~116 days
+MAX_THREADS = 4096  # torch.set_num_threads(2**40) was "Overflow when unpacking long" inside every rank
 _DEVICES = ("auto", "cpu", "cuda", "npu")
 _PARALLEL_KINDS = ("ddp", "fsdp2")
 
@@ -155,14 +157,7 @@ def parse_scenario(raw: Mapping[str, Any], source: str = "<memory>") -> Scenario
     v = _Validator(source)
     v.no_unknown(raw, _TOP_KEYS, "")
     name = check_name(v.get(raw, "name", str), source)
-    world_size = v.get(raw, "world_size", int)
-    if world_size < 2:
-        raise ScenarioError(source, "world_size", "an integer >= 2 (data parallelism needs two ranks)", world_size)
-    if world_size > MAX_WORLD_SIZE:
-        raise ScenarioError(source, "world_size", f"an integer <= {MAX_WORLD_SIZE}", world_size)
-    steps = v.get(raw, "steps", int)
-    if not 1 <= steps <= MAX_STEPS:
-        raise ScenarioError(source, "steps", f"an integer in 1..{MAX_STEPS}", steps)
+    world_size, steps = _sizes(v, raw, source)
     model = v.component(raw, "model", MODELS)
     data_raw = raw.get("data")
     batch_size = v.get(data_raw if isinstance(data_raw, dict) else {}, "batch_size", int, where="data.")
@@ -178,6 +173,7 @@ def parse_scenario(raw: Mapping[str, Any], source: str = "<memory>") -> Scenario
         v.perturbation(p, i, world_size, steps, PERTURBATIONS)
         for i, p in enumerate(v.list_of_tables(raw, "perturbations"))
     )
+    check_batch_keys(model, data, perturbations, source)
     scenario = Scenario(
         name=name,
         description=v.get(raw, "description", str, default=""),
@@ -191,7 +187,7 @@ def parse_scenario(raw: Mapping[str, Any], source: str = "<memory>") -> Scenario
         backend=v.choice(raw, "backend", _BACKENDS, "auto"),
         device=v.choice(raw, "device", _DEVICES, "cpu"),
         grad_accum=v.positive(raw, "grad_accum", int, 1),
-        threads_per_rank=v.positive(raw, "threads_per_rank", int, 1),
+        threads_per_rank=v.positive(raw, "threads_per_rank", int, 1, upper=MAX_THREADS),
         timeout_s=v.positive(raw, "timeout_s", float, 600.0, upper=MAX_SECONDS),
         stall_timeout_s=v.positive(raw, "stall_timeout_s", float, 120.0, upper=MAX_SECONDS),
         on_nonfinite=v.choice(raw, "on_nonfinite", ("continue", "stop"), "continue"),
@@ -208,6 +204,19 @@ def parse_scenario(raw: Mapping[str, Any], source: str = "<memory>") -> Scenario
     if scenario.sweep:
         build_levels({**raw, "sweep": scenario.sweep}, source, parse_scenario)  # every level must be valid
     return scenario
+
+
+def _sizes(v: "_Validator", raw: Mapping[str, Any], source: str) -> tuple[int, int]:
+    """``world_size`` in 2..MAX_WORLD_SIZE and ``steps`` in 1..MAX_STEPS."""
+    world_size = v.get(raw, "world_size", int)
+    if world_size < 2:
+        raise ScenarioError(source, "world_size", "an integer >= 2 (data parallelism needs two ranks)", world_size)
+    if world_size > MAX_WORLD_SIZE:
+        raise ScenarioError(source, "world_size", f"an integer <= {MAX_WORLD_SIZE}", world_size)
+    steps = v.get(raw, "steps", int)
+    if not 1 <= steps <= MAX_STEPS:
+        raise ScenarioError(source, "steps", f"an integer in 1..{MAX_STEPS}", steps)
+    return world_size, steps
 
 
 class _Validator:

@@ -19,8 +19,9 @@ from typing import Any, Callable, Mapping
 
 from testbed.scenario.errors import ScenarioError
 from testbed.scenario.overrides import set_dotted
+from testbed.schema.records import SWEEP_FILE
 
-SWEEP_FILE = "sweep.json"
+__all__ = ["SWEEP_FILE", "Level", "build_levels", "select_levels", "sweep_parameters", "default_label"]
 _SWEEP_KEYS = {"parameter", "values", "labels"}
 
 
@@ -35,11 +36,13 @@ class Level:
 
     @property
     def run_dir(self) -> str:
-        return f"level-{self.index:02d}-{_slug(self.label)}"
+        """``level-NN-<label>``: the index keeps it unique whatever the label (``α`` gives ``level-00``)."""
+        slug = _slug(self.label)
+        return f"level-{self.index:02d}" + (f"-{slug}" if slug else "")
 
 
 def _slug(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-")
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-")[:60]
 
 
 def default_label(value: Any) -> str:
@@ -80,15 +83,13 @@ def build_levels(raw: Mapping[str, Any], source: str, parse: Callable[[Mapping[s
     labels = sweep.get("labels", [default_label(v) for v in values])
     if not isinstance(labels, list) or len(labels) != len(values) or not all(isinstance(x, str) for x in labels):
         raise ScenarioError(source, "sweep.labels", f"a list of {len(values)} strings (one per value)", labels)
-    slugs = [_slug(x) for x in labels]
-    if not all(slugs) or len(set(slugs)) != len(slugs):
-        raise ScenarioError(source, "sweep.labels",
-                            "distinct labels with at least one letter or digit each (they name directories)", labels)
+    if len(set(labels)) != len(labels) or not all(x.strip() and x.isprintable() for x in labels):
+        raise ScenarioError(source, "sweep.labels", "distinct, non-empty labels without control characters", labels)
     base = {k: v for k, v in raw.items() if k != "sweep"}
     levels = []
     for i, (value, label) in enumerate(zip(values, labels)):
         level_raw = copy.deepcopy(base)
-        level_raw["name"] = f"{raw.get('name', 'sweep')}-{_slug(label)}"
+        level_raw["name"] = f"{raw.get('name', 'sweep')}-{_slug(label) or i}"
         for param in params:
             try:
                 set_dotted(level_raw, param, copy.deepcopy(value))
@@ -106,13 +107,16 @@ def build_levels(raw: Mapping[str, Any], source: str, parse: Callable[[Mapping[s
 
 
 def select_levels(levels: list[Level], only: list[str] | None, source: str) -> list[Level]:
-    """``--levels 0 2`` / ``--levels 0,2`` / by label; None selects every level."""
+    """``--levels 0 2`` / ``--levels 0,2`` / by label; None selects every level. A word that is a
+    label means that level, even if it is also another level's index (labels ``["1", "0"]``:
+    ``--levels 1`` is the level labelled "1", not both)."""
     if not only:
         return levels
     wanted = [w for item in only for w in item.split(",") if w]
     chosen = []
     for w in wanted:
-        match = [lv for lv in levels if lv.label == w or (w.isdigit() and lv.index == int(w))]
+        match = [lv for lv in levels if lv.label == w] or \
+            [lv for lv in levels if w.isdigit() and lv.index == int(w)]
         if not match:
             raise ScenarioError(source, "<--levels>", "level indices 0.." f"{len(levels) - 1} or labels "
                                 + ", ".join(repr(lv.label) for lv in levels), w)

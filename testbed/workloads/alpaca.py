@@ -153,8 +153,14 @@ def needs_remote_code_message(path: str | Path, custom: str) -> str:
 
 
 def preflight(source: str, params: dict[str, Any]) -> None:
-    """Refuse, before any rank starts, a custom-code tokenizer without ``trust_remote_code``."""
-    tokenizer = params.get("tokenizer")
+    """Refuse, before any rank starts, a records file or tokenizer directory that is not on this
+    machine, and a custom-code tokenizer without ``trust_remote_code``."""
+    data, tokenizer = params.get("path"), params.get("tokenizer")
+    if isinstance(data, str) and not Path(data).exists():
+        raise ScenarioError(source, "data.path", "an alpaca records file (JSON / JSONL) or dataset directory on "
+                            "this machine", data)
+    if isinstance(tokenizer, str) and not Path(tokenizer).is_dir():
+        raise ScenarioError(source, "data.tokenizer", "a tokenizer directory on this machine", tokenizer)
     if params.get("trust_remote_code") or not isinstance(tokenizer, str):
         return
     custom = custom_tokenizer_class(tokenizer)
@@ -265,3 +271,4 @@ def alpaca(seed: int, *, path: str, tokenizer: str, max_len: int = 1024, limit: 
 
 
 alpaca.preflight = preflight  # type: ignore[attr-defined]  # run by the launcher before ranks start
+alpaca.batch_keys = ("input_ids", "attention_mask", "labels")  # type: ignore[attr-defined]  # scenario/compat.py

@@ -58,6 +58,12 @@ def synthetic_classification(
                          {"features": features, "classes": classes})
 
 
+synthetic_classification.batch_keys = ("inputs", "targets")  # type: ignore[attr-defined]
+# float32 inputs + int64 targets, built whole in every rank (engine/memory.py checks it fits)
+synthetic_classification.memory_bytes = (  # type: ignore[attr-defined]
+    lambda p: int(p.get("size", 4096)) * (4 * int(p.get("features", 32)) + 8 + 4 * int(p.get("classes", 8))))
+
+
 class ShardedSampler:
     """Per-step batch indices for each rank, DistributedSampler semantics, drop_last batches."""
 

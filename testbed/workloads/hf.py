@@ -208,3 +208,20 @@ def hf(dataset: Dataset, *, path: str, trust_remote_code: bool = False, dtype: P
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm.train()
     return CausalLMLoss(lm, torch.bfloat16 if dtype == "bf16-mixed" else None)
+
+
+def _preflight(source: str, params: dict[str, Any]) -> None:
+    """Refuse, before any rank starts, a checkpoint ``path`` that is missing, a file, or holds no
+    config.json (each rank failed on it at start-up with a transformers traceback)."""
+    from testbed.scenario.errors import ScenarioError
+
+    path = Path(params["path"])
+    if not path.is_dir() or not (path / "config.json").is_file():
+        what = "does not exist" if not path.exists() else "is not a directory" if not path.is_dir() else \
+            "has no config.json"
+        raise ScenarioError(source, "model.path", f"a checkpoint directory with config.json on this machine ({path} "
+                            f"{what})", str(path))
+
+
+hf.preflight = _preflight  # type: ignore[attr-defined]  # run by the launcher before ranks start
+hf.batch_keys = ("input_ids", "attention_mask", "labels")  # type: ignore[attr-defined]  # scenario/compat.py

@@ -107,3 +107,18 @@ def transformer(dataset: Dataset, *, d_model: AtLeastOne = 64, layers: AtLeastOn
     if not 0.0 <= dropout < 1.0:
         raise ValueError("transformer needs 0 <= dropout < 1")
     return CausalLM(dataset.info["vocab_size"], dataset.info["seq_len"], d_model, layers, heads, mlp_ratio, dropout)
+
+
+def _transformer_parameters(params: Mapping[str, Any], data: Mapping[str, Any]) -> int:
+    """Parameters of ``transformer`` over a token dataset (vocabulary of bytes, its ``seq_len``)."""
+    from testbed.workloads.textdata import VOCAB_SIZE
+
+    d, layers, ratio = int(params.get("d_model", 64)), int(params.get("layers", 2)), int(params.get("mlp_ratio", 4))
+    seq = int(data.get("seq_len", 128))
+    block = 4 * d * d + 4 * d + 2 * ratio * d * d + (ratio + 1) * d + 4 * d
+    return VOCAB_SIZE * d + seq * d + layers * block + 2 * d
+
+
+transformer.batch_keys = ("input_ids", "targets")  # type: ignore[attr-defined]  # scenario/compat.py
+transformer.parameter_count = _transformer_parameters  # type: ignore[attr-defined]  # engine/memory.py
+transformer.size_field = "d_model"  # type: ignore[attr-defined]

@@ -43,3 +43,16 @@ def mlp(dataset: Dataset, *, hidden: Annotated[int, Bounds(ge=1)] = 64, depth: A
         raise ValueError("mlp needs hidden >= 1, depth >= 0 and 0 <= dropout < 1")
     return MLPClassifier(dataset.info["features"], dataset.info["classes"], hidden, depth, dropout,
                          torch.bfloat16 if dtype == "bf16" else torch.float32)
+
+
+def _mlp_parameters(params: dict, data: dict) -> int:
+    """Parameters of ``mlp`` with these settings over ``data`` (its features and classes)."""
+    features, classes = int(data.get("features", 32)), int(data.get("classes", 8))
+    hidden, depth = int(params.get("hidden", 64)), int(params.get("depth", 2))
+    widths = [features] + [hidden] * depth + [classes]
+    return sum(a * b + b for a, b in zip(widths, widths[1:]))
+
+
+mlp.batch_keys = ("inputs", "targets")  # type: ignore[attr-defined]  # what forward() reads (scenario/compat.py)
+mlp.parameter_count = _mlp_parameters  # type: ignore[attr-defined]  # sizes checked before launch (engine/memory.py)
+mlp.size_field = "hidden"  # type: ignore[attr-defined]

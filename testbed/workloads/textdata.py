@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Annotated, Callable
+from typing import Annotated, Any, Callable, Mapping
 
 import torch
 
@@ -120,9 +120,17 @@ def decode(ids: list[int]) -> str:
     return out.decode("utf-8", errors="replace")
 
 
-@DATASETS.register("alpaca_synthetic")
+def _known_tasks(params: Mapping[str, Any]) -> tuple[str, str] | None:
+    tasks = params.get("tasks", list(TASKS))
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks or len(set(tasks)) != len(tasks):
+        return "tasks", f"a non-empty list of distinct tasks from {', '.join(TASKS)}"
+    return None
+
+
+@DATASETS.register("alpaca_synthetic", check=_known_tasks)
 def alpaca_synthetic(seed: int, *, size: Annotated[int, Bounds(ge=1)] = 2048,
-                     seq_len: Annotated[int, Bounds(ge=1)] = 128, tasks: list[str] = list(TASKS)) -> TensorDataset:
+                     seq_len: Annotated[int, Bounds(ge=2)] = 128, tasks: list[str] = list(TASKS)) -> TensorDataset:
     """Alpaca-style records from the seed: ``input_ids``, ``targets``, ``loss_mask`` of shape [size, seq_len].
 
     ``info`` gives the model builder ``vocab_size`` and ``seq_len``, and ``groups`` (the task
@@ -145,3 +153,9 @@ def alpaca_synthetic(seed: int, *, size: Annotated[int, Bounds(ge=1)] = 2048,
     }
     return TensorDataset(tensors, {"vocab_size": VOCAB_SIZE, "seq_len": seq_len, "groups": len(tasks),
                                    "tasks": list(tasks)})
+
+
+alpaca_synthetic.batch_keys = ("input_ids", "targets", "loss_mask")  # type: ignore[attr-defined]  # scenario/compat.py
+# three [size, seq_len] tensors (int64, int64, bool) built whole in every rank (engine/memory.py)
+alpaca_synthetic.memory_bytes = (  # type: ignore[attr-defined]
+    lambda p: int(p.get("size", 2048)) * int(p.get("seq_len", 128)) * 17)

@@ -44,6 +44,7 @@ early: drop those references, or destroy the group, before the script ends (docs
 from __future__ import annotations
 
 import atexit
+import itertools
 import gc
 import sys
 import types
@@ -57,7 +58,11 @@ import torch.distributed as dist
 GLOO_THREAD_NAMES = ("pt_gloo_runloop", "gloo_tcp_loop")
 
 _attached: "weakref.WeakSet[Any]" = weakref.WeakSet()  # DDP models the monitor was attached to
-_monitors: "weakref.WeakSet[Any]" = weakref.WeakSet()  # their Monitors (their hook state may hold a group)
+# Their Monitors (their hook state may hold a group), by attach order: at exit every rank closes them
+# in the same order, so their close() barriers meet (a WeakSet's order differs between processes,
+# and each rank then waited out the check-in deadline in another monitor's barrier).
+_monitors: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
+_attach_order = itertools.count()
 _held_groups: list[Any] = []  # gloo groups of attached models, held so no C++ reducer is their last owner
 _registered = False
 
@@ -82,7 +87,7 @@ def register(ddp_model: Any, monitor: Any) -> None:
     """Remember ``ddp_model`` and its monitor (weakly); make sure :func:`at_exit` runs at exit."""
     global _registered
     _attached.add(ddp_model)
-    _monitors.add(monitor)
+    _monitors[next(_attach_order)] = monitor
     group = getattr(ddp_model, "process_group", None)  # DDP's; FSDP2 keeps its groups in Python objects
     if group is not None and _is_gloo(group) and all(g is not group for g in _held_groups):
         _held_groups.append(group)
@@ -97,7 +102,7 @@ def at_exit() -> None:
     :func:`release_gloo` for every attached DDP model still alive."""
     try:
         failure = getattr(sys, "last_value", None)
-        for monitor in list(_monitors):
+        for _, monitor in sorted(_monitors.items(), key=lambda item: item[0]):
             if isinstance(failure, BaseException):
                 monitor.fail(failure)
             else:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import types
+import weakref
 from pathlib import Path
 from typing import Any, Iterator
 

@@ -84,9 +84,13 @@ class ChildWatcher:
             self._stop.wait(self.interval)
 
     def scan(self) -> None:
+        """Record every live descendant and refresh its command line: a child seen between fork and
+        exec still shows its parent's command line (under load the window is wide enough for a
+        50 ms poll to land in it, and a rank then went uncounted: "3 of 4 ranks")."""
         for pid, start in descendants(self.root).items():
-            if (pid, start) not in self.seen:
-                self.seen[(pid, start)] = _cmdline(pid)
+            cmd = _cmdline(pid)
+            if cmd or (pid, start) not in self.seen:
+                self.seen[(pid, start)] = cmd or self.seen.get((pid, start), "")
 
     def __enter__(self) -> "ChildWatcher":
         self._thread.start()
@@ -327,3 +331,15 @@ def test_stall_limit_is_longer_during_start_up(tmp_path: Path, monkeypatch: pyte
     result = runner._watch(scenario, [FakeRank(), FakeRank()], list(progress), tmp_path, started)
     assert time.monotonic() - started >= limit
     assert result.status == "failed" and f"no progress for {limit:g} s" in result.reason and where in result.reason
+
+
+def test_child_watcher_counts_a_rank_it_first_saw_before_its_exec() -> None:
+    """A child seen between fork and exec shows its parent's command line; the watcher must still
+    count it as a rank once it has exec'd (test_two_runs_at_once... saw "3 of 4 ranks" under load)."""
+    with ChildWatcher(interval=0.02) as watch:
+        pid = os.fork()
+        if pid == 0:  # the child: seen by several polls with pytest's command line, then exec
+            time.sleep(0.3)
+            os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(0.3)", "spawn_main"])
+        os.waitpid(pid, 0)
+    assert len(watch.ranks()) == 1, watch.seen

@@ -61,7 +61,7 @@ window.addEventListener('load', () => {
   for (const h of document.querySelectorAll('h3')) {
     let text = '', el = h.nextElementSibling;
     while (el && !['H2', 'H3'].includes(el.tagName)) { text += el.innerText + '\n'; el = el.nextElementSibling; }
-    blocks.push({title: h.innerText, text: text,
+    blocks.push({title: h.innerText, text: text, y: h.getBoundingClientRect().top + scrollY,
                  verdicts: h.parentElement.tagName === 'SECTION'
                    ? [...h.parentElement.querySelectorAll('.verdict')].map(v => v.innerText) : []});
   }

@@ -45,7 +45,7 @@ def evidence_figure(label: str, verdict: Mapping[str, Any], maps: Sequence[Devia
         return None
     n = maps[0].u.shape[1]
     panel_h = float(np.clip(0.22 * n + 1.0, 1.5, 4.5))
-    listed = _listed(found)
+    listed = _listed(found, str(verdict.get("status")))
     notes_h = 0.16 * (len(listed) + 3) + 0.3
     fig = Figure(figsize=(WIDTH_IN, panel_h * len(maps) + notes_h + 1.2), layout="constrained")
     grid = fig.add_gridspec(len(maps) + 1, 1, height_ratios=[panel_h] * len(maps) + [notes_h])
@@ -69,11 +69,14 @@ def evidence_figure(label: str, verdict: Mapping[str, Any], maps: Sequence[Devia
     return save(fig, path)
 
 
-def _listed(found: Sequence[Finding]) -> list[str]:
+def _listed(found: Sequence[Finding], status: str) -> list[str]:
     lines = [f.line() for f in found[:LIST_LINES]]
     if len(found) > LIST_LINES:
         lines.append(f"… {len(found) - LIST_LINES} more finding(s) in the report's table")
-    return lines or ["no findings: nothing stands out beyond chance"]
+    if not lines:
+        lines = ["no findings: nothing stands out beyond chance" if status == "consistent"
+                 else "no evidence items in the record's verdict"]
+    return lines
 
 
 def _edges(steps: Sequence[int]) -> np.ndarray:

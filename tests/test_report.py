@@ -143,6 +143,25 @@ def test_the_ladder_has_the_sweeps_paired_cis_and_trend(made: dict[str, Any]) ->
 
 
 @pytest.mark.timeout(600)
+def test_a_hostile_comparison_is_left_out_not_trusted(made: dict[str, Any], tmp_path: Path) -> None:
+    from testbed.report.ladder import ladder_figure
+
+    sweep = load_sweep(made["root"] / "sweep")
+    sweep.comparison = {"per_level": {"3": {"loss_cv": {"mean": "1e9", "ci": [0.1]}, "cos_mean": {"mean": float("nan")}},
+                                      "2-3": {"loss_cv": {"mean": 0.5, "ci": [0.4, None], "p_value": "?"}}},
+                        "trend": {"loss_cv": {"rho": "+1", "p": None, "direction": "<sideways>"}, "cos_mean": [1]}}
+    ladder = ladder_of(sweep)
+    assert ladder is not None and ladder.paired["loss_cv"][1] is None and ladder.paired["cos_mean"][1] is None
+    both = ladder.paired["loss_cv"][2]
+    assert both is not None and (both.mean, both.ci, both.p_value) == (0.5, None, None)
+    assert "cos_mean" not in ladder.trend
+    positions, ticks, xlabel = level_axis(sweep)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", plotting.LayoutWarning)
+        ladder_figure(ladder, positions, ticks, xlabel, tmp_path / "ladder.png", "hostile")
+
+
+@pytest.mark.timeout(600)
 def test_levels_are_taken_in_index_order_and_missing_ones_named(made: dict[str, Any], tmp_path: Path) -> None:
     copy = tmp_path / "sweep"
     shutil.copytree(made["root"] / "sweep", copy)
@@ -189,6 +208,15 @@ def test_the_screenshot_shows_every_figure_where_the_page_puts_it_uncut(made: di
     assert image_problems(shot, layout["images"]) == []
 
 
+def test_without_chromium_the_browser_tests_fail_saying_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tests.browser as browser
+
+    monkeypatch.delenv("TESTBED_CHROMIUM", raising=False)
+    monkeypatch.setattr(browser.shutil, "which", lambda name: None)
+    with pytest.raises(pytest.fail.Exception, match="apt-get install -y --no-install-recommends chromium"):
+        browser.chromium()
+
+
 # ---- the parts, without a run ---------------------------------------------------------------------
 
 HOSTILE = "<script>alert(1)</script>.running_mean"
@@ -211,13 +239,17 @@ EVERY_KIND = {"status": "inconsistent", "ranks": [2], "since_step": 3, "until_st
                   {"kind": "data", "cause": "epoch_repeat", "ranks": [], "step": 6, "effect": {"intended": True}},
                   {"kind": "from_the_future", "metric": "x", "novel": [1, 2]},
                   {"kind": "persistent", "effect": "not a dict"},
-                  "not an object"]}
+                  "not an object",
+                  {"metric": "loss", "group": [[0, 1], [2, 3]], "kind": "persistent", "p_value": 0.0, "effect": {
+                      "value": 2, "unit": "ranks with bit-identical values (reading the same batches: impossible for "
+                      "ranks that read their own)", "since_step": 0, "steps": 12, "of": 12, "replicated": True,
+                      "attributable": False}}]}
 
 
 def test_every_kind_of_evidence_is_a_finding_and_a_mark(tmp_path: Path) -> None:
     found = findings(EVERY_KIND)
     lines = [f.line() for f in found]
-    assert len(found) == 10 and lines[0].startswith("[1] rank 2: loss +10 % (rank vs the healthy ranks 0,1,3)")
+    assert len(found) == 11 and lines[0].startswith("[1] rank 2: loss +10 % (rank vs the healthy ranks 0,1,3)")
     assert "unconfirmed" in lines[1] and not found[1].counts and (found[1].step, found[1].metric) == (5, "grad_norm")
     assert "non-finite loss from step 7" in lines[2] and found[2].certainty == "exact"
     assert (found[3].subject, found[3].ranks, found[3].step, found[3].metric) == ("ranks 1, 2", (1, 2), 4, None)
@@ -225,6 +257,7 @@ def test_every_kind_of_evidence_is_a_finding_and_a_mark(tmp_path: Path) -> None:
     assert "config: lr differs: rank 0 = 0.1, rank 1 = 0.1, rank 2 = 0.2" in lines[5]
     assert found[6].subject == "all ranks" and not found[6].counts and "declared intended" in lines[6]
     assert "novel=[1, 2]" in lines[7] and lines[9].startswith("[10] item:")
+    assert found[10].ranks == (0, 1) and "loss bit-identical on ranks 0, 1 from step 0" in lines[10]
     rows = [{"step": s, "loss": [1.0 + 0.01 * ((s * 7 + r * 3) % 5) + (0.2 if r == 2 and s >= 3 else 0)
                                  for r in range(4)],
              "grad_norm": [1.0 + 0.02 * ((s + r) % 3) for r in range(4)],

@@ -81,7 +81,9 @@ def _known(number: int, kind: str, item: Mapping[str, Any], effect: Mapping[str,
                 metric=metric, since=since, until=until, counts=counts)
     label = LABELS.get(str(item.get("metric")), str(item.get("metric", "")))
     if kind == "persistent":
-        return Finding(text=_persistent(label, effect), **base)
+        if _replicas_item(effect) and isinstance(item.get("group"), list) and item["group"]:
+            base["ranks"] = tuple(r for r in item["group"][0] if isinstance(r, int))  # the identical ranks
+        return Finding(text=_persistent(label, effect, base["ranks"]), **base)
     if kind == "transient":
         peak = _int(effect.get("peak_step"))
         return Finding(text=_transient(label, effect), step=peak if peak is not None else since, **base)
@@ -100,10 +102,15 @@ def _known(number: int, kind: str, item: Mapping[str, Any], effect: Mapping[str,
     return Finding(text=_fields(item, effect), step=_int(item.get("step")), **{**base, "metric": metric})
 
 
-def _persistent(label: str, f: Mapping[str, Any]) -> str:
+def _replicas_item(f: Mapping[str, Any]) -> bool:
+    """Ranks that should read their own data and are bit-identical (``replicas.py``)."""
+    return bool(f.get("replicated")) and str(f.get("unit", "")).startswith("ranks with bit-identical")
+
+
+def _persistent(label: str, f: Mapping[str, Any], ranks: Sequence[int]) -> str:
     span = _span(f)
-    if f.get("replicated") and str(f.get("unit", "")).startswith("ranks with bit-identical"):
-        return f"{label} bit-identical on {f.get('value')} ranks{span}: they read the same batches"
+    if _replicas_item(f):
+        return f"{label} bit-identical on {ranks_text(ranks)}{span}: they read the same batches"
     if f.get("replicated") and str(f.get("unit", "")).startswith("classes of bit-identical"):
         return f"{label} bit-identical within each group, different between{span}"
     if "within" in f and "between" in f:

@@ -97,6 +97,9 @@ def test_bit_identical_peers_make_any_difference_stand_out():
     outlier = attribute(rows)["outlier"]
     assert (outlier["rank"], outlier["step"], outlier["metric"]) == (3, 0, "loss")
     assert np.isfinite(outlier["z"]) and outlier["z"] > 1e3
+    # the z of a spread of zero is not a number to print (the seed ladder's "z=-4.75e+10")
+    assert describe(attribute(rows)) == ("rank 3 at step 0 (loss, differs from bit-identical ranks: no spread to "
+                                         "compare against); stood out at 5 steps")
 
 
 @given(n=st.integers(3, 8), steps=st.integers(10, 40), data=st.data())

@@ -5,6 +5,7 @@ and a rank that stops calling ``step`` ends the job in bounded time with an erro
 process left behind. One launch per behaviour, shared by the checks on it."""
 from __future__ import annotations
 
+import html
 import json
 import re
 import os
@@ -123,6 +124,10 @@ def test_testbed_report_renders_the_monitors_record(bugs_then_rerun: dict[str, A
     assert cli_main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
     page = (tmp_path / "report" / "index.html").read_text()
     assert "record_scripts" in page and "DIVERGED" in page.upper()
+    # rendered like a scenario's run: one explanation line (the recorded verdict) and the evidence figure
+    verdict = _run_json(out)["verdict"]
+    assert page.count("class='verdict") == 1 and html.escape(verdict["headline"]) in page
+    assert (tmp_path / "report" / "record_scripts_evidence.png").is_file() and "record_scripts_evidence.png" in page
 
 
 @pytest.mark.timeout(600)

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from testbed.cli.common import EXIT_FAILED, EXIT_USAGE
-from testbed.diagnose.attribution import describe as describe_outlier
 from testbed.record.files import RunDirError
+from testbed.report.explain import explanation
 from testbed.report.html import ReportInputError, format_level_table, write_report
 
 
@@ -31,8 +31,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"sweep {sweep['scenario']} over {sweep['parameter']} (means over recorded steps):")
         print(format_level_table(sweep["levels"]))
     for run in record["runs"]:
-        if "outlier" in run["summary"]:
-            print(f"{run['label']}: outlier {describe_outlier(run['summary']['outlier'])}")
+        print(f"{run['label']}: {explanation(run['verdict'])}")
     print(f"report: {out / 'index.html'} ({len(record['figures'])} figures: {', '.join(record['figures'])})")
     return 0
 

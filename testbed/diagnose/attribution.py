@@ -68,6 +68,10 @@ LOG_METRICS = frozenset({"loss", "grad_norm"})  # compared as log(x) when all va
 # A pointer for where to look, not a verdict.
 DEFAULT_THRESHOLD = 8.0
 MAD_TO_SIGMA = 1.4826  # MAD × this estimates σ for normal data
+# |z| at or above this was measured against (nearly) no spread: the other ranks were bit-identical and
+# the scale was the floor (a relative difference of 1e-8 reaches it; a spread-based z stays far below:
+# a ×1000 corrupted gradient scores ~140). Printed as such, not as z=-4.75e+10.
+NO_SPREAD_Z = 1e4
 NEIGHBOURS = 3  # N = 2: steps on each side that define a rank's own recent values
 LOCAL_STEPS = 5  # N ≥ 3: steps on each side whose spread sets a step's scale
 PAIR_STEPS = 15  # N = 2: the same, wider: one number (Δ) per step instead of N
@@ -240,4 +244,8 @@ def describe(attribution: Row) -> str:
 
 
 def _z_text(event: Row) -> str:
-    return "non-finite" if event["nonfinite"] else f"z={event['z']:+.3g}"
+    if event["nonfinite"]:
+        return "non-finite"
+    if abs(event["z"]) >= NO_SPREAD_Z:
+        return "differs from bit-identical ranks: no spread to compare against"
+    return f"z={event['z']:+.3g}"

@@ -1,6 +1,7 @@
 """The report's inputs: run directories (``metrics.jsonl``, ``run.json``) and sweep directories
 (``sweep.json`` = ``{"scenario", "source", "parameter", "levels": [{"index", "label", "value",
-"run_dir" (relative to the sweep dir), "status"}]}``, levels taken in ``index`` order).
+"run_dir" (relative to the sweep dir), "status"}], "comparison"}``, levels taken in ``index`` order;
+``comparison`` is the paired comparison against level 0, read defensively by ``ladder.py``).
 
 Every record is read through its schema (``schema/records.py``) and streamed
 (``engine.readback``): a hostile or broken input is one ``ReportInputError`` naming the file and
@@ -35,6 +36,7 @@ class RunData:
     verdict: dict[str, Any] = field(default_factory=dict)  # run.json["verdict"] (docs/diagnosis.md)
     last_pairwise: tuple[int, list[list[float | None]]] | None = None
     sampling: dict[str, Any] = field(default_factory=dict)
+    world_size: int | None = None  # from run.json (a scenario's, or a monitor's top-level field)
 
 
 @dataclass
@@ -45,6 +47,7 @@ class SweepData:
     source: str
     runs: list[RunData] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # levels whose run dir has no metrics
+    comparison: dict[str, Any] | None = None  # sweep.json["comparison"] (engine/control.py), if recorded
 
 
 def _unreadable(path: Path, error: BaseException) -> ReportInputError:
@@ -59,14 +62,16 @@ def load_run(run_dir: Path, label: str | None = None, level: dict[str, Any] | No
         meta = read_run(run_dir) if (run_dir / RUN_FILE).exists() else {}
     except (OSError, ValueError) as e:
         raise _unreadable(run_dir / RUN_FILE, e) from None
+    world_size = (meta.get("scenario") or {}).get("world_size") or meta.get("world_size")  # a monitor's: top-level
+    world_size = world_size if isinstance(world_size, int) and not isinstance(world_size, bool) else None
     try:
-        digest = digest_run(run_dir, (meta.get("scenario") or {}).get("world_size") or meta.get("world_size"))
+        digest = digest_run(run_dir, world_size)
     except OSError as e:
         raise _unreadable(run_dir / METRICS_FILE, e) from None
     name = label or (meta.get("scenario") or {}).get("name") or meta.get("name") or run_dir.name  # a monitor's: name
     status = (level or {}).get("status") or meta.get("status", "unknown")
     return RunData(printable(str(name)), run_dir, digest.plot_rows, status, summary_of(digest), level,
-                   verdict_of(meta, digest), digest.last_pairwise, digest.describe())
+                   verdict_of(meta, digest), digest.last_pairwise, digest.describe(), world_size)
 
 
 def load_sweep(sweep_dir: Path) -> SweepData:
@@ -75,7 +80,7 @@ def load_sweep(sweep_dir: Path) -> SweepData:
     except (OSError, ValueError) as e:
         raise _unreadable(Path(sweep_dir) / SWEEP_FILE, e) from None
     sweep = SweepData(Path(sweep_dir), printable(meta["scenario"]), printable(meta["parameter"]),
-                      printable(str(meta.get("source", ""))))
+                      printable(str(meta.get("source", ""))), comparison=meta.get("comparison"))
     for level in sorted(meta["levels"], key=lambda lv: lv["index"]):
         run_dir = Path(sweep_dir) / level["run_dir"]
         label = printable(level["label"])

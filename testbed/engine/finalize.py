@@ -79,9 +79,17 @@ def finish_record(out_dir: Path, run: dict[str, Any], result: Any) -> None:
         # over the completed steps, also of a failed run (docs/diagnosis.md); a monitored loop's
         # record has no scenario, its world size is top-level
         "verdict": verdict_record(_rows(out_dir / METRICS_FILE),
-                                  world_size=run.get("world_size") or run.get("scenario", {}).get("world_size")),
+                                  world_size=run.get("world_size") or run.get("scenario", {}).get("world_size"),
+                                  intended=intended_causes(run)),
     })
     _write_final(out_dir / RUN_FILE, run)
+
+
+def intended_causes(run: dict[str, Any]) -> list[str]:
+    """The exact causes the run declares on purpose: the monitor's ``intended`` (``fixed_order``), a
+    scenario's ``intended`` (a ``replicate_batch`` baseline)."""
+    declared = run.get("intended") or (run.get("scenario") or {}).get("intended") or []
+    return [str(c) for c in declared] if isinstance(declared, list) else []
 
 
 def disk_note(out_dir: Path) -> str:

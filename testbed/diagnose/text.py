@@ -28,8 +28,12 @@ def headline(v: "Verdict") -> str:
         if v.steps == 0:
             return "consistent — no steps recorded"
         text = f"consistent — no rank differs from the others beyond chance (α = {v.alpha:g}, {v.steps} steps)"
-        if v.evidence:  # only unconfirmed spikes can be left
-            text += "; unconfirmed spikes, within the run's own tail: " + _subjects(v.evidence, v)
+        spikes = [e for e in v.evidence if e.kind not in EXACT_KINDS]  # only unconfirmed spikes can be left
+        if spikes:
+            text += "; unconfirmed spikes, within the run's own tail: " + _subjects(spikes, v)
+        intended = sorted({str((e.details or {}).get("cause")) for e in v.evidence if e.kind in EXACT_KINDS})
+        if intended:
+            text += "; found as declared on purpose: " + ", ".join(intended)
         return text
     causes = [e for e in v.evidence if e.kind in EXACT_KINDS and counts(e)]
     if v.status == "diverged":

@@ -15,16 +15,20 @@ the offline verdict (``verdict.py``) alike, with bounded memory:
   order repeated: ``set_epoch`` not called, or a loader with ``shuffle=False``). A shuffled order
   repeats such a stretch with negligible probability. Job-wide when every rank repeats, else
   the ranks that do. ``period``: the distance in steps (the epoch's length).
-- ``overlap`` - inside the first pass over the data (steps where re-reads are the majority of the
-  sampled reads - an epoch's boundary - are left out: there re-reading is what a healthy job does), where a disjoint partition lets no two
-  ranks read the same sample (but for at most one padding duplicate per pair at the epoch's end,
-  and exact duplicates in the dataset itself), a pair of ranks that shares at least ``MIN_PAIR``
+- ``overlap`` - inside the first pass over the data, where a disjoint partition lets no two ranks
+  read the same sample (but for at most one padding duplicate per pair at the epoch's end, and
+  exact duplicates in the dataset itself): a pair of ranks that shares at least ``MIN_PAIR``
   sampled samples and at least ``PAIR_FRACTION`` of what two *independent* samplers would share
   (``R_r·R_s / D``: reads of each, over the distinct samples seen - a lower bound of the dataset,
-  so the bar is conservative). A dataset whose exact-duplicate rate stays below 25 % never
-  reaches it. Named: the ranks outside the largest set of mutually non-overlapping ranks (the
-  ranks sharing one sampler), when that set is unique and holds at least two ranks; else
-  job-wide (every rank's sampler differs; two ranks: not attributable). Once a pair is found, the
+  so the bar is conservative). Steps whose reads look like an epoch's boundary (``data_boundary``:
+  re-reads the majority, or ranks re-reading their own samples more than 1 in 2N reads,
+  ``metrics/ledger.py``) are left out: there re-reading is what a healthy job does. Exact
+  duplicates inside the dataset collide like independent samplers at about twice their rate: on
+  simulated pipelines (``tests/ledger_sim.py``) a dataset with 10 % duplicated samples crossed the
+  bar in 2 of 57 runs, with 2 % never; the real bug crosses it about half-way through the first
+  epoch. Named: the ranks outside the largest set of mutually non-overlapping ranks (the ranks
+  sharing one sampler), when that set is unique and holds at least two ranks; else job-wide
+  (every rank's sampler differs; two ranks: not attributable). Once a pair is found, the
   attribution also counts the pairs at half those bars (a pair of ranks sharing one sampler
   shares nothing), so a short first pass still names the rank that collides with the others.
 - ``uncovered`` (the runner, which knows the indices) - at a sampler epoch's end, fewer distinct
@@ -45,7 +49,7 @@ from testbed.schema.run import DATA_CAUSES
 
 MIN_SAMPLES = 8
 MIN_PAIR = 4
-PAIR_FRACTION = 0.25
+PAIR_FRACTION = 0.5
 HISTORY_CAPACITY = 1 << 16  # remembered windows per rank (epoch_repeat); thinned beyond it
 CAUSES = DATA_CAUSES
 Row = dict[str, Any]
@@ -176,7 +180,7 @@ class DataFindings:
         for r in range(min(self.n, len(reads))):
             self.reads[r] += int(reads[r])
             self.distinct += int(reads[r]) - int(rereads[r])
-        boundary = 2 * sum(int(x) for x in rereads) > sum(int(x) for x in reads)
+        boundary = bool(row.get(R.DATA_BOUNDARY))
         if row.get(R.DATA_PASS_END):
             self.first_pass = False
         for r, s, count in [] if boundary else row.get(R.DATA_PAIRS) or []:

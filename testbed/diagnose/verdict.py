@@ -107,6 +107,8 @@ def diagnose(rows: Sequence[Row], *, alpha: float = 0.01, world_size: int | None
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     rows = [r for r in rows if isinstance(r, dict) and isinstance(r.get("step"), int)]
+    if replicas_intended is True and "replicated" not in intended:
+        intended = (*intended, "replicated")  # a replicate_batch baseline declared the old way
     if replicas_intended is None and ("replicated" in intended or any("data_digest" in r for r in rows)):
         replicas_intended = "replicated" in intended
     tables = {m: metric_table(rows, m) for m in METRICS}

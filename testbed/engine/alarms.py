@@ -147,6 +147,9 @@ class BuiltinAlarms:
         if found is None or found.kind not in ("persistent", "transient"):
             return []  # the exact kinds (divergence, nonfinite) are raised above
         ranks = [found.rank] if found.rank is not None else list(found.ranks)
+        causes = [f for f in self.data.findings() if not f.intended]
+        if causes and not (ranks and set(ranks) <= {r for f in causes for r in f.ranks}):
+            return []  # an exact data cause explains the run: the verdict does not blame other ranks either
         if self._inconsistent_named is not None and set(ranks) <= self._inconsistent_named:
             return []
         self._inconsistent_named = set(ranks) | (self._inconsistent_named or set())

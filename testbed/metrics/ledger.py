@@ -17,10 +17,10 @@ step), the smallest ``K`` of them; ``passing`` how many passed before the cut.
 turns the table into the row's data fields (keys: ``schema/row.py``): ``data_samples`` and
 ``data_digest`` always; while the **first pass** over the data lasts, per rank the sampled reads,
 the re-reads (a sampled fingerprint read before, by any rank, at an earlier step or by a
-lower rank at this step) and the cross-rank pairs ``[r, s, count]`` (rank r read ``count`` samples
-rank s had read). The first pass ends when re-reads make up more than half of the sampled reads
-pooled over the last steps (at least ``POOL`` reads): a healthy job re-reads only once the
-dataset is exhausted (the epoch's end). The ledger then stops tracking (and frees its entries):
+lower rank at this step), the self re-reads (read before by the same rank) and the cross-rank
+pairs ``[r, s, count]`` (rank r read ``count`` samples rank s had read). The first pass ends at the
+first epoch boundary (``boundary``, over the sampled reads pooled over the last steps, at least
+``POOL``): re-reads the majority, or self re-reads more than 1 in 2N reads. The ledger then stops tracking (and frees its entries):
 the verdict's ``overlap`` rule judges collisions inside the first pass only
 (``diagnose/data.py``).
 
@@ -75,6 +75,15 @@ def payload(fingerprints: torch.Tensor | None, level: int, k: int, device: torch
     return out
 
 
+def boundary(reads: int, rereads: int, selves: int, world_size: int) -> bool:
+    """Reads that look like an epoch's boundary, not like its middle: re-reads are the majority, or
+    ranks re-read their *own* samples more often than 1 in 2N reads. Inside an epoch a rank never
+    re-reads its own samples (a sampler's shard is a permutation's slice, whatever its seed); after
+    the boundary 1 in N of its reads are its own earlier ones - also when only part of the dataset
+    was read (ranks reading the same shard), where re-reads stay a minority."""
+    return 2 * rereads > reads or 2 * world_size * selves > reads
+
+
 class DataLedger:
     """The host side (module doc): ``update(table)`` → the row's data fields; ``level`` is the
     sampling level the next payload must use (the same on every rank)."""
@@ -85,7 +94,7 @@ class DataLedger:
         self.world_size, self.samples, self.capacity = world_size, samples, capacity
         self.level = 0
         self.entries: dict[int, int] | None = {}  # fingerprint -> bitmask of the ranks that read it
-        self.recent: deque[tuple[int, int]] = deque()  # (reads, rereads) of the last exchanges
+        self.recent: deque[tuple[int, int, int]] = deque()  # (reads, rereads, self re-reads) of the last exchanges
 
     @property
     def width(self) -> int:
@@ -109,7 +118,7 @@ class DataLedger:
         entries = self.entries
         assert entries is not None
         n = self.world_size
-        reads, rereads = [0] * n, [0] * n
+        reads, rereads, selves = [0] * n, [0] * n, [0] * n
         pairs: dict[tuple[int, int], int] = {}
         now: dict[int, int] = {}  # fingerprint -> ranks that read it at this step
         digests = [int(table[r, 1]) if table[r, 0] else None for r in range(n)]
@@ -125,28 +134,33 @@ class DataLedger:
                 if not hit:
                     continue
                 rereads[r] += 1
+                selves[r] += hit >> r & 1
                 for s in range(n):
                     if s != r and hit >> s & 1:
                         pairs[(r, s)] = pairs.get((r, s), 0) + 1
         for f, ranks in now.items():
             entries[f] = entries.get(f, 0) | ranks
-        fields: dict[str, Any] = {R.DATA_READS: reads, R.DATA_REREADS: rereads, R.DATA_LEVEL: self.level}
+        fields: dict[str, Any] = {R.DATA_READS: reads, R.DATA_REREADS: rereads, R.DATA_SELF: selves,
+                                  R.DATA_LEVEL: self.level}
         if pairs:
             fields[R.DATA_PAIRS] = [[r, s, c] for (r, s), c in sorted(pairs.items())]
+        if boundary(sum(reads), sum(rereads), sum(selves), n):
+            fields[R.DATA_BOUNDARY] = True  # the verdict leaves this step's pairs out (diagnose/data.py)
         if any(int(table[r, 2]) > int(table[r, 3]) for r in range(n)):
             fields[R.DATA_TRUNCATED] = True
-        if self._pass_ended(sum(reads), sum(rereads)):
+        if self._pass_ended(sum(reads), sum(rereads), sum(selves)):
             fields[R.DATA_PASS_END] = True
             self.entries, self.recent = None, deque()
         return fields
 
-    def _pass_ended(self, reads: int, rereads: int) -> bool:
-        """More than half of the last >= POOL sampled reads were re-reads (module doc)."""
-        self.recent.append((reads, rereads))
-        while len(self.recent) > 1 and sum(r for r, _ in list(self.recent)[1:]) >= POOL:
+    def _pass_ended(self, reads: int, rereads: int, selves: int) -> bool:
+        """Over the last >= POOL sampled reads, re-reads are the majority, or a rank re-read its own
+        samples more often than 1 in 2N reads (``boundary``)."""
+        self.recent.append((reads, rereads, selves))
+        while len(self.recent) > 1 and sum(r[0] for r in list(self.recent)[1:]) >= POOL:
             self.recent.popleft()
-        pooled = sum(r for r, _ in self.recent)
-        return pooled >= POOL and 2 * sum(x for _, x in self.recent) > pooled
+        pooled = [sum(r[i] for r in self.recent) for i in range(3)]
+        return pooled[0] >= POOL and boundary(*pooled, self.world_size)
 
     def _adapt(self, samples: list[int], passing: np.ndarray) -> None:
         """Raise the level while a rank would send more than K/2 sampled fingerprints, or while the

@@ -42,8 +42,10 @@ DATA_SAMPLES = "data_samples"  # samples per rank (0: no training forward)
 DATA_DIGEST = "data_digest"  # per rank, an order-sensitive digest of those samples (None: no samples)
 DATA_READS = "data_reads"  # per rank, sampled (ledgered) distinct samples, while the first pass lasts
 DATA_REREADS = "data_rereads"  # per rank, of those, samples read before (any rank) in the first pass
+DATA_SELF = "data_self"  # per rank, of the re-reads, samples the rank itself had read before
 DATA_PAIRS = "data_pairs"  # [[r, s, count]]: r read count samples that rank s had read (r != s)
 DATA_LEVEL = "data_level"  # the ledger's sampling level: it keeps fingerprints with level low bits zero
+DATA_BOUNDARY = "data_boundary"  # true when this step's reads look like an epoch's boundary (metrics/ledger.py)
 DATA_PASS_END = "data_pass_end"  # true at the step the first pass over the data ended (re-reads dominate)
 DATA_TRUNCATED = "data_truncated"  # true when a rank's sampled samples exceeded the payload (some dropped)
 DATA_COVERAGE = "data_coverage"  # runner only: {"epoch", "size", "read", "expected"} at a sampler epoch's end
@@ -106,8 +108,10 @@ class Row(TypedDict, total=False):
     data_digest: list[int | None]
     data_reads: list[int]
     data_rereads: list[int]
+    data_self: list[int]
     data_pairs: list[list[int]]
     data_level: int
+    data_boundary: bool
     data_pass_end: bool
     data_truncated: bool
     data_coverage: dict[str, int]

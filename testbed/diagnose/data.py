@@ -35,7 +35,8 @@ the offline verdict (``verdict.py``) alike, with bounded memory:
   samples were read than a synchronised sampler reads in the same steps.
 
 ``intended`` causes (a ``replicate_batch`` baseline, a loader that repeats its order on purpose)
-are still found, marked ``intended`` and do not count against the run.
+are still found, marked ``intended`` and do not count against the run; replication on purpose
+also makes the samples it leaves unread intended.
 """
 from __future__ import annotations
 
@@ -81,6 +82,8 @@ class DataFindings:
 
     def __init__(self, world_size: int, intended: Sequence[str] = ()):
         self.n, self.intended = world_size, set(intended)
+        if "replicated" in self.intended:
+            self.intended.add("uncovered")  # ranks reading one shard on purpose leave the others' unread
         self.window: list[tuple[int, list[int | None], list[int]]] = []  # (step, digests, samples)
         self.history: list[dict[int, int]] = [{} for _ in range(world_size)]
         self.history_level = 0

@@ -89,7 +89,7 @@ def intended_causes(run: dict[str, Any]) -> list[str]:
     """The exact causes the run declares on purpose: the monitor's ``intended`` (``fixed_order``), a
     scenario's ``intended`` (a ``replicate_batch`` baseline)."""
     declared = run.get("intended") or (run.get("scenario") or {}).get("intended") or []
-    return [str(c) for c in declared] if isinstance(declared, list) else []
+    return [str(c) for c in declared] if isinstance(declared, (list, tuple)) else []
 
 
 def disk_note(out_dir: Path) -> str:

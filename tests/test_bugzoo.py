@@ -17,44 +17,10 @@ from testbed.engine.runner import launch
 from testbed.gate.checks import RunData, evaluate, verdict_causes
 from testbed.scenario.expect import expectations_of
 from testbed.scenario.spec import load_scenario
+from tests.bugzoo_expected import DDP, HF, LIGHTNING, alarm_mismatch
 from tests.scale_fixtures import REPO, torchrun
 
 EXAMPLES = REPO / "examples" / "bugs"
-
-# variant -> (verdict status, ranks, exact causes, [(alarm kind, cause or None, step)])
-DDP = {
-    "none": ("consistent", [], [], []),
-    "bn": ("consistent", [], [], []),
-    "accum": ("consistent", [], [], []),
-    "aug": ("consistent", [], [], []),
-    "fixed_order": ("consistent", [], [], []),
-    "no_set_epoch": ("inconsistent", [], ["epoch_repeat"], [("data", "epoch_repeat", 8)]),
-    "shuffle_false": ("inconsistent", [], ["epoch_repeat"], [("data", "epoch_repeat", 8)]),
-    "sampler_seed": ("inconsistent", [], ["overlap"], [("data", "overlap", None)]),
-    "no_sampler": ("inconsistent", [], ["replicated"], [("data", "replicated", 0)]),
-    "bn_no_broadcast": ("inconsistent", [], ["state"], [("state_differs", None, 9)]),
-    "ckpt_rank0": ("diverged", [0], ["state"], [("weights_diverged", None, 0)]),
-    "frozen_reinit": ("diverged", [2], ["state"], [("weights_diverged", None, 9)]),
-    "nan_rank": ("inconsistent", [1], [], [("nonfinite", None, 10)]),
-    "same_aug_seed": ("consistent", [], [], []),  # the blind spot docs/bugs.md states: no signal separates it
-}
-HF = {
-    "none": ("consistent", [], [], []),
-    "bn": ("consistent", [], [], []),
-    "own_loader": ("inconsistent", [], ["replicated"], [("data", "replicated", 0)]),
-    "no_broadcast_buffers": ("inconsistent", [], ["state"], [("state_differs", None, 9)]),
-    "rank0_checkpoint": ("diverged", [0], ["state"], [("weights_diverged", None, 0)]),
-}
-LIGHTNING = {
-    "none": ("consistent", [], [], []),
-    "bn": ("consistent", [], [], []),
-    "seed_rank": ("inconsistent", [], ["config", "overlap"], [("config_differs", None, 0), ("data", "overlap", None)]),
-    "iterable": ("inconsistent", [], ["epoch_repeat", "replicated"], [("data", "replicated", 0),
-                                                                      ("data", "epoch_repeat", 24)]),
-    "bn_no_broadcast": ("inconsistent", [], ["state"], [("state_differs", None, 9)]),
-    "frozen_reinit": ("diverged", [2], ["state"], [("weights_diverged", None, 9)]),
-}
-
 
 def _zoo(script: str, variants: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp(script.split(".")[0])
@@ -88,13 +54,9 @@ def check(out: Path, table: dict) -> None:
         got = (run["status"], v["status"], v["ranks"], verdict_causes(v))
         if got != ("ok", status, ranks, causes):
             wrong.append(f"{variant}: {got} - {v['headline']}")
-        events = out / variant / "events.jsonl"
-        raised = [json.loads(line) for line in events.read_text().splitlines()] if events.exists() else []
-        raised = [(e["kind"], e.get("cause"), e["step"]) for e in raised if e.get("event") == "alarm"]
-        expected = [(k, c, s) for k, c, s in alarms]
-        if [(k, c) for k, c, _ in raised] != [(k, c) for k, c, _ in expected] or \
-                any(s is not None and s != got_s for (_, _, s), (_, _, got_s) in zip(expected, raised)):
-            wrong.append(f"{variant}: alarms {raised}, expected {expected}")
+        mismatch = alarm_mismatch(out / variant, alarms)
+        if mismatch:
+            wrong.append(f"{variant}: {mismatch}")
     assert not wrong, "\n".join(wrong)
 
 

@@ -32,6 +32,9 @@ BUGS = ("no_set_epoch", "sampler_seed", "no_sampler", "shuffle_false", "bn_no_br
 EPOCHS, BATCH, SIZE = 3, 8, 192
 
 
+SEED = 0  # --seed: the data, the initial weights and the samplers' shared seed
+
+
 def make_data(seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(SIZE, 16, generator=g)
@@ -40,7 +43,7 @@ def make_data(seed: int = 0) -> TensorDataset:
 
 
 def make_model(bn: bool, frozen: bool) -> nn.Module:
-    torch.manual_seed(0)  # the same initial weights on every rank (DDP would broadcast rank 0's anyway)
+    torch.manual_seed(SEED)  # the same initial weights on every rank (DDP would broadcast rank 0's anyway)
     layers = [nn.Linear(16, 32)] + ([nn.BatchNorm1d(32)] if bn else []) + [nn.ReLU(), nn.Linear(32, 4)]
     model = nn.Sequential(*layers)
     if frozen:
@@ -50,7 +53,7 @@ def make_model(bn: bool, frozen: bool) -> nn.Module:
 
 def train(bug: str, out: Path) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
-    data = make_data()
+    data = make_data(SEED)
     model = make_model(bn=bug in ("bn", "bn_no_broadcast", "accum"), frozen=bug == "frozen_reinit")
     if bug == "bn_no_broadcast":
         with warnings_off():
@@ -60,17 +63,17 @@ def train(bug: str, out: Path) -> None:
     if bug == "ckpt_rank0":
         load_checkpoint_on_rank0(ddp, rank)  # BUG: a checkpoint loaded on rank 0 only, after wrapping
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
-    sampler = DistributedSampler(data, shuffle=bug not in ("shuffle_false", "fixed_order"), seed=0)
+    sampler = DistributedSampler(data, shuffle=bug not in ("shuffle_false", "fixed_order"), seed=SEED)
     if bug == "sampler_seed":
-        sampler = DistributedSampler(data, shuffle=True, seed=rank)  # BUG: seed = base + rank
+        sampler = DistributedSampler(data, shuffle=True, seed=SEED + rank)  # BUG: seed = base + rank
     loader = DataLoader(data, batch_size=BATCH, sampler=sampler, drop_last=True)
     if bug == "no_sampler":
         loader = DataLoader(data, batch_size=BATCH, shuffle=True, drop_last=True,  # BUG: no DistributedSampler
-                            generator=torch.Generator().manual_seed(0))
+                            generator=torch.Generator().manual_seed(SEED))
     accum = 2 if bug == "accum" else 1
     monitor = testbed.attach(ddp, out_dir=out / bug, optimizer=optimizer, batch_size=BATCH * accum,
                              fixed_order=bug == "fixed_order", overwrite=True)
-    aug = torch.Generator().manual_seed(1000 + (0 if bug == "same_aug_seed" else rank))  # BUG (same_aug_seed): no + rank
+    aug = torch.Generator().manual_seed(1000 + SEED + (0 if bug == "same_aug_seed" else rank))  # BUG (same_aug_seed)
     for epoch in range(EPOCHS):
         if bug != "no_set_epoch" and isinstance(loader.sampler, DistributedSampler):
             loader.sampler.set_epoch(epoch)  # (no_set_epoch: BUG - this line is missing)
@@ -132,7 +135,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bug", default="none", help="one or more of: " + ", ".join(HEALTHY + BUGS))
     parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--seed", type=int, default=0, help="data, initial weights and the samplers' seed")
     args = parser.parse_args()
+    global SEED
+    SEED = args.seed
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:

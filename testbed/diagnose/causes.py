@@ -59,6 +59,10 @@ def _data(cause: str, ranks: list[int], f: dict[str, Any], n: int) -> str:
                 "a DistributedSampler at all?")
     if cause == "epoch_repeat":
         period = f.get("period")
+        if period == 1:
+            who = "every rank" if not ranks else ranks_text(ranks)
+            return (f"{who} reads the same samples in the same order at every step (from step {since}): a fixed "
+                    f"batch, or a loader that yields one batch? {FIXED_ORDER}")
         if not ranks:
             return (f"epoch 2 repeats epoch 1's order on every rank (from step {since}, period {period} steps): "
                     f"{SET_EPOCH} {FIXED_ORDER}")

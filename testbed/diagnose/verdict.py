@@ -107,10 +107,7 @@ def diagnose(rows: Sequence[Row], *, alpha: float = 0.01, world_size: int | None
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     rows = [r for r in rows if isinstance(r, dict) and isinstance(r.get("step"), int)]
-    if replicas_intended is True and "replicated" not in intended:
-        intended = (*intended, "replicated")  # a replicate_batch baseline declared the old way
-    if replicas_intended is None and ("replicated" in intended or any("data_digest" in r for r in rows)):
-        replicas_intended = "replicated" in intended
+    replicas_intended, intended = _intent(rows, replicas_intended, intended)
     tables = {m: metric_table(rows, m) for m in METRICS}
     n = world_size or max([t[1].shape[1] for t in tables.values()]
                           + [len(r["weight_checksum"]) for r in rows if isinstance(r.get("weight_checksum"), list)]
@@ -159,15 +156,34 @@ def diagnose(rows: Sequence[Row], *, alpha: float = 0.01, world_size: int | None
     reported = [s for s in found_spikes if s.rank not in names.ranks]
     evidence += transient_evidence(reported, transient_threshold or 0.0, adjusted.get(SPIKES),
                                    multiplier.get(SPIKES, 1), alpha)
-    causes = exact_evidence(rows, n, intended)
-    evidence, settled = settle(evidence, causes, lambda e: _suspects(e, n))
-    if settled:
-        notes += settled
-        groups = groups if any(counts(e) for e in evidence) else None
-    evidence = causes + evidence + nonfinite_evidence(rows)
+    evidence, groups = _with_causes(exact_evidence(rows, n, intended), evidence, groups, notes, n)
+    evidence += nonfinite_evidence(rows)
     divergence, div_groups = divergence_evidence(rows, n)
     evidence += divergence
     return _conclude(evidence, divergence, div_groups, groups, n, alpha, steps, notes, tests)
+
+
+def _intent(rows: Sequence[Row], replicas_intended: bool | None,
+            intended: Sequence[str]) -> tuple[bool | None, tuple[str, ...]]:
+    """The declared intent both ways: ``replicas_intended=True`` (the older declaration) implies
+    "replicated"; without a word, rows carrying the data ledger mean replication is not intended."""
+    intended = tuple(intended)
+    if replicas_intended is True and "replicated" not in intended:
+        intended = (*intended, "replicated")
+    if replicas_intended is None and ("replicated" in intended or any("data_digest" in r for r in rows)):
+        replicas_intended = "replicated" in intended
+    return replicas_intended, intended
+
+
+def _with_causes(causes: list[Evidence], statistical: list[Evidence], groups: list[list[int]] | None,
+                 notes: list[str], n: int) -> tuple[list[Evidence], list[list[int]] | None]:
+    """The exact causes first, then the statistical evidence that does not contradict them
+    (``exact.settle``: the rest goes to ``notes``; no split is kept when nothing statistical is)."""
+    kept, settled = settle(statistical, causes, lambda e: _suspects(e, n))
+    if settled:
+        notes += settled
+        groups = groups if any(counts(e) for e in kept) else None
+    return causes + kept, groups
 
 
 def _family_tests(standardized: dict[str, np.ndarray], deviations: tuple[np.ndarray, list[int]],

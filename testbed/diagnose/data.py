@@ -16,21 +16,23 @@ the offline verdict (``verdict.py``) alike, with bounded memory:
   repeats such a stretch with negligible probability. Job-wide when every rank repeats, else
   the ranks that do. ``period``: the distance in steps (the epoch's length).
 - ``overlap`` - inside the first pass over the data, where a disjoint partition lets no two ranks
-  read the same sample (but for at most one padding duplicate per pair at the epoch's end, and
-  exact duplicates in the dataset itself): a pair of ranks that shares at least ``MIN_PAIR``
-  sampled samples and at least ``PAIR_FRACTION`` of what two *independent* samplers would share
-  (``R_r·R_s / D``: reads of each, over the distinct samples seen - a lower bound of the dataset,
-  so the bar is conservative). Steps whose reads look like an epoch's boundary (``data_boundary``:
-  re-reads the majority, or ranks re-reading their own samples more than 1 in 2N reads,
-  ``metrics/ledger.py``) are left out: there re-reading is what a healthy job does. Exact
-  duplicates inside the dataset collide like independent samplers at about twice their rate: on
-  simulated pipelines (``tests/ledger_sim.py``) a dataset with 10 % duplicated samples crossed the
-  bar in 2 of 57 runs, with 2 % never; the real bug crosses it about half-way through the first
-  epoch. Named: the ranks outside the largest set of mutually non-overlapping ranks (the ranks
-  sharing one sampler), when that set is unique and holds at least two ranks; else job-wide
-  (every rank's sampler differs; two ranks: not attributable). Once a pair is found, the
-  attribution also counts the pairs at half those bars (a pair of ranks sharing one sampler
-  shares nothing), so a short first pass still names the rank that collides with the others.
+  read the same sample (but for one padding duplicate per pair at the epoch's end, and exact
+  duplicates in the dataset itself): a pair of ranks sharing at least ``MIN_PAIR`` sampled
+  samples more than ``DUPLICATE_MARGIN`` times what the dataset's duplicates explain. The
+  duplicates are measured by the ranks' *own* repeats: inside the first pass a rank never re-reads
+  a sample of its own shard (a shard is a slice of one permutation, whatever its seed), so its
+  self-collisions ``S`` come from duplicated content alone, at the rate ``p = 2·ΣS / ΣR²`` per pair
+  of reads, which predicts ``p·R_r·R_s`` duplicate collisions between ranks r and s (``R``: sampled
+  reads); ``S`` is taken at its upper bound ``S + 2√S + 3`` (a few duplicates may land on no rank
+  twice). A sampler with another seed crosses the bar after a few times ``N·sqrt(MIN_PAIR / n)``
+  of its first epoch (n: the dataset's samples). Steps whose
+  reads look like an epoch's boundary (``data_boundary``: re-reads the majority, or ranks re-reading
+  their own samples more than 1 in 2N reads, ``metrics/ledger.py``) are left out: there re-reading
+  is what a healthy job does. Named: the ranks outside the largest set of mutually non-overlapping
+  ranks (the ranks sharing one sampler), when that set is unique and holds at least two ranks; else
+  job-wide (every rank's sampler differs; two ranks: not attributable). Once a pair is found, the
+  attribution also counts the pairs above half the bar (``MIN_PAIR / 2`` beyond the duplicates),
+  so a short first pass still names the rank that collides with the others.
 - ``uncovered`` (the runner, which knows the indices) - at a sampler epoch's end, fewer distinct
   samples were read than a synchronised sampler reads in the same steps.
 
@@ -41,6 +43,7 @@ also makes the samples it leaves unread intended.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any, Iterable, Sequence
@@ -50,7 +53,7 @@ from testbed.schema.run import DATA_CAUSES
 
 MIN_SAMPLES = 8
 MIN_PAIR = 4
-PAIR_FRACTION = 0.5
+DUPLICATE_MARGIN = 2.0
 HISTORY_CAPACITY = 1 << 16  # remembered windows per rank (epoch_repeat); thinned beyond it
 CAUSES = DATA_CAUSES
 Row = dict[str, Any]
@@ -91,7 +94,7 @@ class DataFindings:
         self.replica_steps: dict[tuple[int, ...], list[int]] = {}  # partition -> [first step, windows]
         self.repeaters: dict[int, tuple[int, int, int]] = {}  # rank -> (window start, period, earlier end)
         self.reads = [0] * world_size
-        self.distinct = 0
+        self.selves = [0] * world_size
         self.pairs: dict[tuple[int, int], int] = {}
         self.pair_first: dict[tuple[int, int], int] = {}
         self.first_pass = True
@@ -172,28 +175,31 @@ class DataFindings:
 
     # ---- overlap: the first pass's collisions ----------------------------------------------------
     def _ledger(self, step: int, row: Row) -> list[DataFinding]:
-        reads, rereads = row[R.DATA_READS], row.get(R.DATA_REREADS) or [0] * self.n
+        reads = row[R.DATA_READS]
         level = row.get(R.DATA_LEVEL, 0)
         if isinstance(level, int) and level > self.level:  # entries were evicted: keep the counts' scale
             scale = 2 ** (level - self.level)
             self.reads = [x // scale for x in self.reads]
-            self.distinct //= scale
+            self.selves = [x // scale for x in self.selves]
             self.pairs = {k: v // scale for k, v in self.pairs.items()}
             self.level = level
-        for r in range(min(self.n, len(reads))):
-            self.reads[r] += int(reads[r])
-            self.distinct += int(reads[r]) - int(rereads[r])
         boundary = bool(row.get(R.DATA_BOUNDARY))
         if row.get(R.DATA_PASS_END):
             self.first_pass = False
-        for r, s, count in [] if boundary else row.get(R.DATA_PAIRS) or []:
+        if boundary:  # re-reading is what a healthy job does at an epoch's boundary
+            return []
+        selves = row.get(R.DATA_SELF) or [0] * self.n
+        for r in range(min(self.n, len(reads))):
+            self.reads[r] += int(reads[r])
+            self.selves[r] += int(selves[r]) if r < len(selves) else 0
+        for r, s, count in row.get(R.DATA_PAIRS) or []:
             key = (min(r, s), max(r, s))
             self.pairs[key] = self.pairs.get(key, 0) + int(count)
             self.pair_first.setdefault(key, step)
         flagged = [k for k, x in self.pairs.items() if self._overlapping(k, x)]
         if not flagged:
             return []
-        elevated = [k for k, x in self.pairs.items() if self._overlapping(k, x, MIN_PAIR // 2, PAIR_FRACTION / 2)]
+        elevated = [k for k, x in self.pairs.items() if self._overlapping(k, x, attributing=True)]
         key = frozenset(elevated)
         if key not in self._culprits:
             if len(self._culprits) > 64:
@@ -204,14 +210,21 @@ class DataFindings:
         effect = {"collisions": sum(self.pairs[k] for k in flagged), "pairs": [[a, b, self.pairs[(a, b)]]
                                                                                for a, b in sorted(flagged)],
                   "sampled_fraction": 2.0 ** -self.level, "reads": sum(self.reads),
+                  "own_repeats": sum(self.selves),
                   "disjoint_allows": "at most 1 per pair (padding at an epoch's end)"}
         return self._set("overlap", ranks, since, step, effect)
 
-    def _overlapping(self, pair: tuple[int, int], shared: int, least: int = MIN_PAIR,
-                     fraction: float = PAIR_FRACTION) -> bool:
+    def _overlapping(self, pair: tuple[int, int], shared: int, attributing: bool = False) -> bool:
+        """``shared`` sampled samples between a pair of ranks beyond what the dataset's own
+        duplicates explain (module doc); the attribution's bar is half as high."""
         a, b = pair
-        expected = self.reads[a] * self.reads[b] / max(self.distinct, 1)
-        return shared >= least and shared >= fraction * expected
+        squares = sum(r * r for r in self.reads)
+        own = sum(self.selves)
+        own_bound = own + 2 * math.sqrt(own) + 3  # a one-sided upper bound of the Poisson count (3 for 0 seen)
+        expected = 2 * own_bound / squares * self.reads[a] * self.reads[b] if squares else 0.0
+        if attributing:
+            return shared >= MIN_PAIR / 2 + expected
+        return shared >= MIN_PAIR + DUPLICATE_MARGIN * expected
 
     # ---- uncovered: the runner's coverage -------------------------------------------------------
     def _coverage(self, step: int, coverage: dict[str, Any]) -> list[DataFinding]:

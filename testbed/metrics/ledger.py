@@ -108,7 +108,7 @@ class DataLedger:
                                   R.DATA_DIGEST: [int(d) if s else None for d, s in zip(table[:, 1], samples)]}
         if self.entries is not None and any(samples):
             fields.update(self._first_pass(table))
-        self._adapt(samples, table[:, 2])
+        self._adapt(samples)
         return fields
 
     def _first_pass(self, table: np.ndarray) -> dict[str, Any]:
@@ -162,7 +162,7 @@ class DataLedger:
         pooled = [sum(r[i] for r in self.recent) for i in range(3)]
         return pooled[0] >= POOL and boundary(*pooled, self.world_size)
 
-    def _adapt(self, samples: list[int], passing: np.ndarray) -> None:
+    def _adapt(self, samples: list[int]) -> None:
         """Raise the level while a rank would send more than K/2 sampled fingerprints, or while the
         entries exceed the capacity (evicting those the new level no longer keeps)."""
         most = max(samples) if samples else 0

@@ -37,6 +37,7 @@ HF = {
 LIGHTNING = {
     "none": ("consistent", [], [], []),
     "bn": ("consistent", [], [], []),
+    "shuffle_false": ("consistent", [], [], []),  # the loader shows shuffle=False: declared by the callback
     "seed_rank": ("inconsistent", [], ["config", "overlap"], [("config_differs", None, 0), ("data", "overlap", None)]),
     "iterable": ("inconsistent", [], ["epoch_repeat", "replicated"], [("data", "replicated", 0),
                                                                       ("data", "epoch_repeat", 24)]),

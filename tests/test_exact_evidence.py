@@ -154,3 +154,15 @@ def test_the_buffers_are_captured_at_the_first_training_forward_ddp_synchronises
     assert set(check.fields()) == {"checksum", "buffer_checksum", "state_tensors"}
     check.close()
     assert not ddp._forward_pre_hooks and not ddp.module._forward_pre_hooks
+
+
+def test_a_loader_that_shows_shuffle_false_declares_the_fixed_order():
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    from testbed.integrations.monitor import ordered_loader
+
+    data = TensorDataset(torch.arange(12.0))
+    fixed = DistributedSampler(data, num_replicas=2, rank=0, shuffle=False)
+    assert ordered_loader(DataLoader(data, sampler=fixed)) and ordered_loader(DataLoader(data, shuffle=False))
+    assert not ordered_loader(DataLoader(data, sampler=DistributedSampler(data, num_replicas=2, rank=0)))
+    assert not ordered_loader(DataLoader(data, shuffle=True)) and not ordered_loader(None)

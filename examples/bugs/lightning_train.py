@@ -7,7 +7,8 @@ Lightning injects a ``DistributedSampler`` into the train DataLoader and calls i
 itself, so the classic sampler mistakes take other shapes here. Each bug is the line marked
 ``# BUG``:
 
-- ``none`` (healthy twin), ``bn`` (healthy twin with BatchNorm);
+- ``none`` (healthy twin), ``bn`` (healthy twin with BatchNorm), ``shuffle_false`` (healthy twin:
+  ``shuffle=False`` repeats the order by design, and the callback sees it in the loader);
 - ``seed_rank``: ``seed_everything(42 + rank)`` - the injected sampler takes its seed from
   ``PL_GLOBAL_SEED``, so every rank shuffles with another seed and the shards overlap;
 - ``iterable``: an ``IterableDataset`` - Lightning adds no sampler to it, so every rank streams the
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
-HEALTHY = ("none", "bn")
+HEALTHY = ("none", "bn", "shuffle_false")
 BUGS = ("seed_rank", "iterable", "bn_no_broadcast", "frozen_reinit")
 EPOCHS, BATCH, SIZE = 3, 8, 192
 
@@ -84,7 +85,7 @@ def train(bug: str, out: Path) -> None:
     pl.seed_everything(42 + rank if bug == "seed_rank" else 42, verbose=False)  # BUG (seed_rank): + rank
     data = make_data()
     loader = DataLoader(Stream(data) if bug == "iterable" else data, batch_size=BATCH,  # BUG (iterable)
-                        shuffle=bug != "iterable", drop_last=True)
+                        shuffle=bug not in ("iterable", "shuffle_false"), drop_last=True)
     strategy = DDPStrategy(broadcast_buffers=bug != "bn_no_broadcast")  # BUG (bn_no_broadcast)
     trainer = pl.Trainer(accelerator="cpu", devices=int(os.environ.get("WORLD_SIZE", "1")), strategy=strategy,
                          max_epochs=EPOCHS, logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from testbed.engine.config import rank_config
 from testbed.engine.sinks import is_alarm
-from testbed.integrations.monitor import Monitor, attach
+from testbed.integrations.monitor import Monitor, attach, ordered_loader
 from testbed.metrics.ledger import DEFAULT_SAMPLES
 from testbed.integrations.scalars import alarm_values, flat_values
 from testbed.scenario import cadence as cadence_rule
@@ -90,6 +90,7 @@ class TestbedLightningCallback(pl.Callback):
         self.trainer: pl.Trainer | None = None
         self._losses: list[torch.Tensor] = []
         self._global_step = 0
+        self._loader_seen = False
         self._sink = LightningLogSink(self)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -111,6 +112,10 @@ class TestbedLightningCallback(pl.Callback):
                            batch_idx: int) -> None:
         if self.monitor is None:
             return
+        if not self._loader_seen:  # Lightning builds the loader after on_fit_start
+            self._loader_seen = True
+            if ordered_loader(getattr(trainer, "train_dataloader", None)):
+                self.monitor.declare_fixed_order()  # shuffle=False: the order repeats by design
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if isinstance(loss, torch.Tensor):
             self._losses.append(loss.detach() * trainer.accumulate_grad_batches)

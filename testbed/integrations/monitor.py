@@ -81,7 +81,7 @@ class Monitor:
         self.on_row: list[Listener] = []  # called with every row, on every rank
         self.on_alarm: list[Callable[[Event], None]] = []  # called with every alarm event, on every rank
         self.step_index = 0
-        self.intended = ["epoch_repeat"] if fixed_order else []
+        self.intended = ["epoch_repeat"] if fixed_order or ordered_loader(loader) else []
         self.path = StepPath(model, state, cadence, device=self.device, batch_size=batch_size,
                              noise_scale_ema=noise_scale_ema, last_step=steps - 1 if steps else None,
                              alarms=BuiltinAlarms(self.world_size, alpha, self.intended),
@@ -223,6 +223,18 @@ class Monitor:
             raise RuntimeError("this Monitor is closed")
 
     # ---- small helpers -----------------------------------------------------------------------
+    def declare_fixed_order(self) -> None:
+        """The loader repeats its order every epoch on purpose (``attach(..., fixed_order=True)``
+        after the fact: the Lightning callback calls it once it sees an unshuffled loader). Call it
+        on every rank before the second epoch."""
+        if "epoch_repeat" in self.intended:
+            return
+        self.intended.append("epoch_repeat")
+        if self.path.alarms is not None:
+            self.path.alarms.data.intended.add("epoch_repeat")
+        if self.record is not None and self.record.run:
+            self.record.run[K.INTENDED] = list(self.intended)
+
     def _read_lr(self, optimizer: torch.optim.Optimizer, *args: Any) -> None:
         self._lr = optimizer.param_groups[0]["lr"]
 
@@ -293,6 +305,20 @@ def _install_ddp(model: torch.nn.Module, process_group: dist.ProcessGroup | None
     except RuntimeError as e:
         raise RuntimeError(f"cannot attach the testbed hook: {e} (a DDP model takes one comm hook; attach "
                            "replaces DDP's default all-reduce, not a custom hook such as fp16 compression)") from e
+
+
+def ordered_loader(loader: Any) -> bool:
+    """Whether a DataLoader visibly repeats its order every epoch by design: its sampler is a
+    ``DistributedSampler(shuffle=False)`` or a ``SequentialSampler``."""
+    from torch.utils.data import DistributedSampler, SequentialSampler
+
+    sampler = getattr(loader, "sampler", None)
+    if sampler is None or not isinstance(sampler, (DistributedSampler, SequentialSampler)):
+        sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", sampler)
+    if isinstance(sampler, DistributedSampler):
+        return not sampler.shuffle
+    return isinstance(sampler, SequentialSampler) and not isinstance(getattr(loader, "dataset", None),
+                                                                      torch.utils.data.IterableDataset)
 
 
 def default_name() -> str:

@@ -3,8 +3,9 @@
     python benchmarks/overhead.py --quick     # < 3 min on 2 cores: 2 ranks, 1M and 11M, ratio table
     python benchmarks/overhead.py             # full: 1M/11M/50M × 2/4 ranks × 64/512 samples per rank;
                                               # writes docs/performance.md, docs/performance_overhead.png
-    python benchmarks/overhead.py --state-check   # the default state check's cost: 11M, 2 ranks, 64/rank;
-                                                  # (g) vs (b) per check, (h) attach's defaults vs plain DDP
+    python benchmarks/overhead.py --state-check   # the exact channels' cost: 11M, 2 ranks, 64/rank; (g) vs (b)
+                                                  # per state check, (i) vs (b) the data ledger per step,
+                                                  # (h) attach's defaults vs plain DDP
 
 Per world size two spawned gloo process groups run: a memory run (per-variant peak RSS and
 counted bytes per step) and a timing run (variants interleaved round-robin; ratios per round).
@@ -36,7 +37,7 @@ QUICK = {"sizes": ["1M", "11M"], "ranks": [2], "batches": [64, 512], "rounds": 3
 FULL = {"sizes": ["1M", "11M", "50M"], "ranks": [2, 4], "batches": [64, 512], "rounds": 7, "block_s": 0.5,
         "memory_sizes": ["1M", "11M", "50M"], "memory_batches": [64]}  # extra memory does not depend on batch
 STATE_CHECK = {"sizes": ["11M"], "ranks": [2], "batches": [64], "rounds": 9, "block_s": 1.0,
-               "memory_sizes": [], "memory_batches": [], "variants": ["plain", "metrics", "state", "monitor"]}
+               "memory_sizes": [], "memory_batches": [], "variants": ["plain", "metrics", "state", "ledger", "monitor"]}
 
 
 def make_plan(configs: list[dict[str, Any]], modes: list[str], args: argparse.Namespace) -> dict[str, Any]:
@@ -68,8 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small run (< 3 min on 2 cores); prints the table only")
     p.add_argument("--state-check", action="store_true",
-                   help="the cost of the default state check (11M, 2 ranks, 64/rank; variants plain, metrics, state, "
-                        "monitor); prints the table and the per-check / per-step cost, leaves the docs alone")
+                   help="the cost of the exact channels (11M, 2 ranks, 64/rank; variants plain, metrics, state, "
+                        "ledger, monitor): the default state check per check and per step, the data ledger per "
+                        "step; prints the table, leaves the docs alone")
     p.add_argument("--sizes", nargs="+", choices=sorted(SIZES), help="model sizes")
     p.add_argument("--ranks", nargs="+", type=int, help="world sizes")
     p.add_argument("--batches", nargs="+", type=int, help="samples per rank")
@@ -153,6 +155,11 @@ def state_check_cost(rows: list[dict[str, Any]]) -> list[str]:
             out.append(f"{size}, {w} ranks, {batch}/rank: one state check {per_check:+.2f} ms (step {r['ratio']:.3f}× "
                        f"of {LABELS['metrics']}, IQR {r['ratio_q1']:.3f}–{r['ratio_q3']:.3f}); at the default "
                        f"cadence (1 step in {WEIGHT_CHECK_EVERY}) {per_step:+.3f} ms per step = "
+                       f"{100 * per_step / plain['step_ms']:+.2f} % of a plain DDP step ({plain['step_ms']:.1f} ms)")
+        if v == "ledger" and metrics and plain and "step_ms" in r and "step_ms" in metrics and "ratio" in r:
+            per_step = r["step_ms"] - metrics["step_ms"]
+            out.append(f"{size}, {w} ranks, {batch}/rank: the data ledger {per_step:+.2f} ms per step (step "
+                       f"{r['ratio']:.3f}× of {LABELS['metrics']}, IQR {r['ratio_q1']:.3f}–{r['ratio_q3']:.3f}) = "
                        f"{100 * per_step / plain['step_ms']:+.2f} % of a plain DDP step ({plain['step_ms']:.1f} ms)")
         if v == "monitor" and "ratio" in r:
             out.append(f"{size}, {w} ranks, {batch}/rank: {LABELS['monitor']} {r['ratio']:.3f}× plain DDP wall time "

@@ -111,7 +111,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 BASELINE_NOTE = ("Baseline of the ratio columns: plain DDP (a), measured in the same round; for (f2): plain FSDP2 (f); "
-                 "for (g): (b). (f) itself is shown against plain DDP.")
+                 "for (g) and (i): (b). (f) itself is shown against plain DDP.")
 
 
 def check_targets(rows: list[dict[str, Any]]) -> list[str]:

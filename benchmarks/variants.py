@@ -23,16 +23,22 @@ without a comm hook would have to (the local gradient must exist before any all-
 - ``fsdp_metrics`` (f2): FSDP2 with testbed's reduce-scatter measuring every step, pairwise matrix
   included, plus the worker's row gather (compared with (f), not with plain DDP).
 
-Opt-in (``--variants`` / ``--state-check``), the cost of the default state check:
+Opt-in (``--variants`` / ``--state-check``), the cost of the exact channels (issue 22):
 
-- ``state``    (g): (b) plus the exact state check (parameter checksum in the step's one all-gather)
-  on every step; its ratio column is against (b), so it is the price of one check.
+- ``state``    (g): (b) plus the exact state check (parameter and buffer checksums in the step's one
+  all-gather) on every step; its ratio column is against (b), so it is the price of one check.
+- ``ledger``   (i): (b) plus the data ledger (``StepPath(..., ledger_samples=64)``: the forward
+  pre-hook fingerprinting every sample on the device, the 64-fingerprint payload in the step's one
+  all-gather, the host-side ledger update); its own DDP model (the pre-hook must not run in the
+  other variants' forwards); its ratio column is against (b): the ledger's price per step.
 - ``monitor``  (h): ``testbed.attach(model, batch_size=...)`` with every default - metrics every
-  step, the state check at step 0 and every ``WEIGHT_CHECK_EVERY`` steps, the store check-in before
-  each all-gather, the built-in alarms (no ``out_dir``: no files) - against plain DDP.
+  step, the state check at step 0 and every ``WEIGHT_CHECK_EVERY`` steps, the data ledger, the
+  settings exchange, the store check-in before each all-gather, the built-in alarms (no
+  ``out_dir``: no files) - against plain DDP.
 
-(b), (c2), (f2) and (g) run ``testbed.engine.step_path.StepPath`` - the code path of ``testbed run``
-and of the drop-in monitor - with the cadence each variant names.
+(b), (c2), (f2), (g) and (i) run ``testbed.engine.step_path.StepPath`` - the code path of
+``testbed run`` and of the drop-in monitor - with the cadence each variant names; all but (i) with
+the data ledger off (``ledger_samples=0``), as they were measured before the ledger existed.
 """
 from __future__ import annotations
 
@@ -53,7 +59,7 @@ from testbed.scenario.tables import DATASETS, MODELS, OPTIMIZERS
 from testbed.scenario.spec import parse_scenario
 
 VARIANTS: tuple[str, ...] = ("plain", "metrics", "pairwise", "a2a", "naive", "idle", "fsdp", "fsdp_metrics")
-STATE_VARIANTS: tuple[str, ...] = ("state", "monitor")  # opt-in: the default state check's cost
+STATE_VARIANTS: tuple[str, ...] = ("state", "ledger", "monitor")  # opt-in: the exact channels' cost
 ALL_VARIANTS: tuple[str, ...] = VARIANTS + STATE_VARIANTS
 LABELS: dict[str, str] = {
     "plain": "(a) plain DDP",
@@ -65,13 +71,15 @@ LABELS: dict[str, str] = {
     "fsdp": "(f) plain FSDP2",
     "fsdp_metrics": "(f2) FSDP2 + testbed metrics + pairwise",
     "state": "(g) DDP + metrics + state check every step",
-    "monitor": "(h) testbed.attach defaults (state check 1 in 10, check-in, alarms)",
+    "ledger": "(i) DDP + metrics + data ledger (64 fingerprints/rank)",
+    "monitor": "(h) testbed.attach defaults (state check 1 in 10, data ledger, check-in, alarms)",
 }
 # ratio column: against this variant, else plain DDP
-BASELINE: dict[str, str] = {"fsdp_metrics": "fsdp", "state": "metrics"}
+BASELINE: dict[str, str] = {"fsdp_metrics": "fsdp", "state": "metrics", "ledger": "metrics"}
 _DDP_HOOKED = ("metrics", "a2a", "idle", "state")
 _CADENCE = {"metrics": Cadence(1, 0, 0), "a2a": Cadence(1, 1, 0), "state": Cadence(1, 0, 1),
-            "fsdp_metrics": Cadence(1, 1, 0)}
+            "fsdp_metrics": Cadence(1, 1, 0), "ledger": Cadence(1, 0, 0)}
+LEDGER_SAMPLES = 64
 
 
 @dataclass(frozen=True)
@@ -143,12 +151,19 @@ class Bench:
             import testbed
 
             self.monitored = add("monitored", DDP(self._model(scenario, dataset)))
-            self.monitor = testbed.attach(self.monitored, batch_size=batch)
+            # fixed_order: the benchmark steps one fixed batch, which the ledger would (rightly) report
+            self.monitor = testbed.attach(self.monitored, batch_size=batch, fixed_order=True)
+        if "ledger" in wanted:
+            self.ledgered = add("ledgered", DDP(self._model(scenario, dataset)))
+            self.ledger_hook = install(self.ledgered)
         self.paths: dict[str, StepPath] = {}  # the step path of `testbed run` and of the monitor
         for v in wanted & set(_CADENCE):
-            model, state = ((self.fsdp_hooked, self.fsdp_hook) if v == "fsdp_metrics" else (self.hooked, self.hook))
+            model, state = {"fsdp_metrics": (getattr(self, "fsdp_hooked", None), getattr(self, "fsdp_hook", None)),
+                            "ledger": (getattr(self, "ledgered", None), getattr(self, "ledger_hook", None))
+                            }.get(v, (getattr(self, "hooked", None), getattr(self, "hook", None)))
             self.paths[v] = StepPath(model, state, _CADENCE[v], device=self.device, batch_size=batch,
-                                     noise_scale_ema=scenario.metrics.noise_scale_ema)
+                                     noise_scale_ema=scenario.metrics.noise_scale_ema,
+                                     ledger_samples=LEDGER_SAMPLES if v == "ledger" else 0)
         self.steps_done = 0
         self.last_row: dict[str, Any] | None = None
 
@@ -160,7 +175,7 @@ class Bench:
     def step(self, variant: str) -> None:
         {"plain": self._plain, "metrics": self._metrics, "pairwise": self._pairwise, "a2a": self._a2a,
          "naive": self._naive, "idle": self._idle, "fsdp": self._fsdp, "fsdp_metrics": self._fsdp_metrics,
-         "state": self._state, "monitor": self._monitor}[variant]()
+         "state": self._state, "ledger": self._ledger, "monitor": self._monitor}[variant]()
         self.steps_done += 1
 
     def _update(self, name: str) -> None:
@@ -175,7 +190,7 @@ class Bench:
         """One step through ``StepPath`` with the variant's cadence (begin, forward, backward,
         optimizer, end: the row)."""
         path = self.paths[variant]
-        model = "fsdp_metrics" if variant == "fsdp_metrics" else "hooked"
+        model = {"fsdp_metrics": "fsdp_metrics", "ledger": "ledgered"}.get(variant, "hooked")
         path.begin(self.steps_done)
         loss = self.models[model](**self.batch)
         loss.backward()
@@ -190,6 +205,9 @@ class Bench:
 
     def _state(self) -> None:
         self._path_step("state")
+
+    def _ledger(self) -> None:
+        self._path_step("ledger")
 
     def _idle(self) -> None:
         self.hook.begin_step(False, False, None, None, self.device)

@@ -34,5 +34,5 @@ def test_heldback_verdict(tmp_path: Path, base: str, n: int, steps: int, seed: i
                                            "perturbations": perturbations, "timeout_s": 240.0})
     result = launch(scenario, tmp_path)
     assert result.ok, result.reason
-    v = diagnose(read_metrics(tmp_path), world_size=n)
+    v = diagnose(read_metrics(tmp_path), world_size=n, intended=scenario.intended)  # a replicate_batch baseline
     assert (v.status, v.ranks) == (status, suspects), v.headline()

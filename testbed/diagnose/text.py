@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from testbed.diagnose.evidence import counts
+from testbed.diagnose.causes import cause_phrase
+from testbed.diagnose.evidence import EXACT_KINDS, counts
 
 if TYPE_CHECKING:
     from testbed.diagnose.evidence import Evidence
@@ -27,15 +28,27 @@ def headline(v: "Verdict") -> str:
         if v.steps == 0:
             return "consistent — no steps recorded"
         text = f"consistent — no rank differs from the others beyond chance (α = {v.alpha:g}, {v.steps} steps)"
-        if v.evidence:  # only unconfirmed spikes can be left
-            text += "; unconfirmed spikes, within the run's own tail: " + _subjects(v.evidence, v)
+        spikes = [e for e in v.evidence if e.kind not in EXACT_KINDS]  # only unconfirmed spikes can be left
+        if spikes:
+            text += "; unconfirmed spikes, within the run's own tail: " + _subjects(spikes, v)
+        intended = sorted({str((e.details or {}).get("cause")) for e in v.evidence if e.kind in EXACT_KINDS})
+        if intended:
+            text += "; found as declared on purpose: " + ", ".join(intended)
         return text
+    causes = [e for e in v.evidence if e.kind in EXACT_KINDS and counts(e)]
     if v.status == "diverged":
         div = [e for e in v.evidence if e.kind == "divergence"]
         text = "DIVERGED — " + _divergence(div)
-        rest = [e for e in v.evidence if e.kind != "divergence" and counts(e)]
-        return text + ("; also " + _subjects(rest, v) if rest else "")
-    counted = [e for e in v.evidence if counts(e)]
+        tensor = next((e for e in causes if e.kind == "state" and e.metric == "parameters"), None)
+        if tensor is not None:
+            text += "; " + cause_phrase(tensor, v.world_size)
+        others = [cause_phrase(e, v.world_size, _explained(e, causes)) for e in causes if e is not tensor]
+        rest = [e for e in v.evidence if e.kind not in ("divergence", *EXACT_KINDS) and counts(e)]
+        return text + "".join("; " + p for p in others) + ("; also " + _subjects(rest, v) if rest else "")
+    counted = [e for e in v.evidence if counts(e) and e.kind not in EXACT_KINDS]
+    if causes:
+        text = "INCONSISTENT — " + "; ".join(cause_phrase(e, v.world_size, _explained(e, causes)) for e in causes)
+        return text + ("; also " + _subjects(counted, v) if counted else "")
     text = "INCONSISTENT — " + _subjects(counted, v)
     if v.world_size == 2 and any(e.kind == "persistent" for e in counted):
         text += " — with 2 ranks the difference cannot be attributed to either without a control run"
@@ -43,6 +56,13 @@ def headline(v: "Verdict") -> str:
     if unconfirmed:
         text += f" (+{unconfirmed} unconfirmed spike(s) within the run's own tail)"
     return text
+
+
+def _explained(e: "Evidence", causes: list["Evidence"]) -> bool:
+    """Unread samples are explained by ranks that overlap or replicate (the advice is theirs)."""
+    cause = (e.details or {}).get("cause")
+    return cause == "uncovered" and any((c.details or {}).get("cause") in ("overlap", "replicated", "epoch_repeat")
+                                        for c in causes)
 
 
 def _subjects(evidence: list["Evidence"], v: "Verdict") -> str:

@@ -43,7 +43,8 @@ import numpy as np
 from testbed.diagnose.attribution import DEFAULT_THRESHOLD, LOG_METRICS, METRICS, comparable, metric_table
 from testbed.diagnose import exchangeability as ex
 from testbed.diagnose import replicas
-from testbed.diagnose.evidence import Evidence, counts
+from testbed.diagnose.evidence import EXACT_KINDS, Evidence, counts
+from testbed.diagnose.exact import exact_evidence, settle
 from testbed.diagnose.findings import (divergence_evidence, nonfinite_evidence, persistent_evidence, select_rank_evidence,
                                       transient_evidence)
 from testbed.diagnose.groups import GroupResult, deviation_features, group_test, pairwise_features
@@ -94,17 +95,23 @@ class Verdict:
 
 
 def diagnose(rows: Sequence[Row], *, alpha: float = 0.01, world_size: int | None = None, seed: int = 0,
-             transient_threshold: float | None = DEFAULT_THRESHOLD, replicas_intended: bool | None = None) -> Verdict:
+             transient_threshold: float | None = DEFAULT_THRESHOLD, replicas_intended: bool | None = None,
+             intended: Sequence[str] = ()) -> Verdict:
     """The verdict on recorded rows (module doc). Deterministic for a given ``seed``.
     ``transient_threshold``: the smallest |z| reported as a spike (None: no spike test).
-    ``replicas_intended``: whether bit-identical ranks are meant (a ``replicate_batch`` baseline: the
-    ranks apart from them are the fault) or not (they are the fault); None: unknown (``replicas``)."""
+    ``intended``: the exact data causes the run declares on purpose (``"replicated"``: a
+    ``replicate_batch`` baseline; ``"epoch_repeat"``: a loader that repeats its order): found, marked
+    intended, not counted. ``replicas_intended``: whether bit-identical ranks are meant (the ranks
+    apart from them are the fault) or not (they are the fault); None: from ``intended`` - and when the
+    rows carry the data ledger, replication not declared is not intended - else unknown (``replicas``)."""
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     rows = [r for r in rows if isinstance(r, dict) and isinstance(r.get("step"), int)]
+    replicas_intended, intended = _intent(rows, replicas_intended, intended)
     tables = {m: metric_table(rows, m) for m in METRICS}
     n = world_size or max([t[1].shape[1] for t in tables.values()]
-                          + [len(r["weight_checksum"]) for r in rows if isinstance(r.get("weight_checksum"), list)])
+                          + [len(r["weight_checksum"]) for r in rows if isinstance(r.get("weight_checksum"), list)]
+                          + [len(r["data_samples"]) for r in rows if isinstance(r.get("data_samples"), list)])
     steps = sum(1 for r in rows if any(isinstance(r.get(m), list) for m in METRICS))
     if n < 2:
         note = "world size 1: nothing to compare" if n == 1 else "no per-rank values recorded"
@@ -149,10 +156,34 @@ def diagnose(rows: Sequence[Row], *, alpha: float = 0.01, world_size: int | None
     reported = [s for s in found_spikes if s.rank not in names.ranks]
     evidence += transient_evidence(reported, transient_threshold or 0.0, adjusted.get(SPIKES),
                                    multiplier.get(SPIKES, 1), alpha)
+    evidence, groups = _with_causes(exact_evidence(rows, n, intended), evidence, groups, notes, n)
     evidence += nonfinite_evidence(rows)
     divergence, div_groups = divergence_evidence(rows, n)
     evidence += divergence
     return _conclude(evidence, divergence, div_groups, groups, n, alpha, steps, notes, tests)
+
+
+def _intent(rows: Sequence[Row], replicas_intended: bool | None,
+            intended: Sequence[str]) -> tuple[bool | None, tuple[str, ...]]:
+    """The declared intent both ways: ``replicas_intended=True`` (the older declaration) implies
+    "replicated"; without a word, rows carrying the data ledger mean replication is not intended."""
+    intended = tuple(intended)
+    if replicas_intended is True and "replicated" not in intended:
+        intended = (*intended, "replicated")
+    if replicas_intended is None and ("replicated" in intended or any("data_digest" in r for r in rows)):
+        replicas_intended = "replicated" in intended
+    return replicas_intended, intended
+
+
+def _with_causes(causes: list[Evidence], statistical: list[Evidence], groups: list[list[int]] | None,
+                 notes: list[str], n: int) -> tuple[list[Evidence], list[list[int]] | None]:
+    """The exact causes first, then the statistical evidence that does not contradict them
+    (``exact.settle``: the rest goes to ``notes``; no split is kept when nothing statistical is)."""
+    kept, settled = settle(statistical, causes, lambda e: _suspects(e, n))
+    if settled:
+        notes += settled
+        groups = groups if any(counts(e) for e in kept) else None
+    return causes + kept, groups
 
 
 def _family_tests(standardized: dict[str, np.ndarray], deviations: tuple[np.ndarray, list[int]],
@@ -277,7 +308,9 @@ def _rng(seed: int, test: int, stage: int) -> np.random.Generator:
 
 def _suspects(e: Evidence, n: int) -> list[int]:
     """Ranks an evidence item points at: its rank; for a split the smaller group (both when equal);
-    none for a difference closed testing could not attribute."""
+    none for a difference closed testing could not attribute; an exact cause's culprits."""
+    if e.kind in EXACT_KINDS:
+        return e.culprits
     if e.rank is not None:
         return [e.rank]
     if e.effect.get("attributable") is False:
@@ -324,11 +357,12 @@ def _offset_groups(family: dict[str, tuple[list[int], np.ndarray, bool]], signif
 
 
 def verdict_record(rows: Sequence[Row], *, world_size: int | None = None, alpha: float = 0.01,
-                   replicas_intended: bool | None = None) -> Row:
+                   replicas_intended: bool | None = None, intended: Sequence[str] = ()) -> Row:
     """``diagnose(rows).to_record()``, never raising: a verdict that cannot be computed says why
     (``status: "unknown"``) instead of costing the run its record."""
     try:
-        return diagnose(rows, alpha=alpha, world_size=world_size, replicas_intended=replicas_intended).to_record()
+        return diagnose(rows, alpha=alpha, world_size=world_size, replicas_intended=replicas_intended,
+                        intended=intended).to_record()
     except Exception as e:  # noqa: BLE001 - the record matters more than the judgement
         return {"status": "unknown", "ranks": [], "groups": None, "since_step": None, "until_step": None,
                 "alpha": alpha, "evidence": [], "steps": len(rows), "headline": f"no verdict: {type(e).__name__}: {e}",

@@ -10,6 +10,13 @@ fires again when the online test names more ranks.
   twice on one rank, a per-rank lr).
 - ``inconsistent`` (statistical): the verdict's online test (``diagnose/sequential.py``) found the
   ranks not exchangeable; the chance that a healthy run ever raises it is <= ``alpha``.
+- ``data`` (exact): the data ledger's rules (``diagnose/data.py``, the verdict's own) found a cause
+  - ``replicated``, ``overlap``, ``epoch_repeat``, ``uncovered`` - at the row that first shows it;
+  again when a cause names other ranks. A cause the run declares intended raises nothing.
+- ``state_differs`` (exact): the buffers differ where DDP has just synchronised them (the first
+  differing tensor and the ranks off the plurality; none named when no plurality agrees).
+- ``config_differs`` (exact): the ranks' settings differ (versions, flags, environment, optimizer
+  hyper-parameters: the first row's ``config_differs``).
 
 A new kind is one method here returning ``Alarm``s and its name in ``schema/event.py``.
 """
@@ -19,6 +26,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from testbed.diagnose.causes import cause_phrase
+from testbed.diagnose.data import DataFindings
+from testbed.diagnose.exact import exact, from_finding, outliers
 from testbed.diagnose.sequential import SequentialTest
 from testbed.diagnose.summary import diverging_ranks
 from testbed.schema import event as E
@@ -41,14 +51,16 @@ class BuiltinAlarms:
     """``check(row)`` → the alarms the row raises (each kind once). ``alpha``: the online test's
     false-alarm rate over the whole run (None: the statistical alarm is off)."""
 
-    def __init__(self, world_size: int, alpha: float | None = 0.01):
+    def __init__(self, world_size: int, alpha: float | None = 0.01, intended: Sequence[str] = ()):
         self.world_size = world_size
         self.sequential = SequentialTest(world_size, alpha) if alpha is not None else None
+        self.data = DataFindings(world_size, intended)
         self.raised: set[str] = set()
         self._inconsistent_named: set[int] | None = None  # ranks the inconsistent alarms have named
 
     def check(self, row: Row) -> list[Alarm]:
-        found = [a for rule in (self._weights, self._nonfinite, self._lr, self._inconsistent) for a in rule(row)]
+        rules = (self._weights, self._nonfinite, self._lr, self._data, self._state, self._config, self._inconsistent)
+        found = [a for rule in rules for a in rule(row)]
         self.raised.update(a.kind for a in found)
         return found
 
@@ -67,8 +79,11 @@ class BuiltinAlarms:
         else:
             split = " vs ".join(", ".join(map(str, g)) for g in _classes(sums))
             who, ranks = f"the ranks split into {split} (no majority: not attributable)", list(range(len(sums)))
-        return [Alarm(E.WEIGHTS_DIVERGED, f"the replicas' weights differ: {who}; the job is no longer data parallel",
-                      row[R.STEP], ranks)]
+        first = next((d for d in row.get(R.STATE_DIFFERS) or [] if d.get("kind") == "parameter"), None)
+        tensor = (f" (first differing tensor: {first['tensor']}{' (frozen)' if first.get('frozen') else ''}; a "
+                  "checkpoint loaded or a layer changed on some ranks after wrapping?)") if first else ""
+        return [Alarm(E.WEIGHTS_DIVERGED, f"the replicas' weights differ: {who}; the job is no longer data parallel"
+                      f"{tensor}", row[R.STEP], ranks, {"tensor": first["tensor"]} if first else {})]
 
     def _nonfinite(self, row: Row) -> list[Alarm]:
         bad = [f for f in row.get(R.FLAGS, []) if f.get(R.FLAG_KIND) in NONFINITE_KINDS]
@@ -89,6 +104,41 @@ class BuiltinAlarms:
         return [Alarm(E.LR_DIFFERS, f"the ranks stepped with different learning rates ({values}): a scheduler "
                       "stepped a different number of times on some rank?", row[R.STEP], ranks)]
 
+    def _data(self, row: Row) -> list[Alarm]:
+        """The data ledger's causes (``diagnose/data.py``): new, or naming other ranks."""
+        out = []
+        for finding in self.data.update(row):
+            if finding.intended:
+                continue
+            message = cause_phrase(from_finding(finding), self.world_size)
+            out.append(Alarm(E.DATA, message, row[R.STEP], list(finding.ranks),
+                             {"cause": finding.cause, "since_step": finding.step}))
+        return out
+
+    def _state(self, row: Row) -> list[Alarm]:
+        """Buffers that differ where DDP has just synchronised them (once per run)."""
+        if row.get(R.BUFFERS_IN_SYNC) is not False or not self._once(E.STATE_DIFFERS):
+            return []
+        first = next((d for d in row.get(R.STATE_DIFFERS) or [] if d.get("kind") == "buffer"), None)
+        ranks = list(first["ranks"]) if first else []
+        evidence = exact("state", "buffers", ranks, row[R.STEP], {"state": "buffer"},
+                         tensor=first["tensor"] if first else None)
+        return [Alarm(E.STATE_DIFFERS, cause_phrase(evidence, self.world_size), row[R.STEP], ranks,
+                      {"tensor": first["tensor"] if first else None})]
+
+    def _config(self, row: Row) -> list[Alarm]:
+        """Settings that differ between the ranks (the first row's, once)."""
+        differs = row.get(R.CONFIG_DIFFERS)
+        if not differs or not self._once(E.CONFIG_DIFFERS):
+            return []
+        parts = [cause_phrase(item, self.world_size) for item in
+                 (exact("config", "config", _minority(d["values"]), row[R.STEP], {}, key=d["key"], values=d["values"])
+                  for d in differs[:5])]
+        more = f" (+{len(differs) - 5} more keys)" if len(differs) > 5 else ""
+        ranks = sorted({r for d in differs for r in _minority(d["values"])})
+        return [Alarm(E.CONFIG_DIFFERS, "; ".join(parts) + more, row[R.STEP], ranks,
+                      {"keys": [d["key"] for d in differs]})]
+
     def _inconsistent(self, row: Row) -> list[Alarm]:
         """The online test's alarm: once when the evidence first reaches 1/alpha (it may name nobody
         yet), and again each time closed testing names more ranks."""
@@ -97,6 +147,9 @@ class BuiltinAlarms:
         if found is None or found.kind not in ("persistent", "transient"):
             return []  # the exact kinds (divergence, nonfinite) are raised above
         ranks = [found.rank] if found.rank is not None else list(found.ranks)
+        causes = [f for f in self.data.findings() if not f.intended]
+        if causes and not (ranks and set(ranks) <= {r for f in causes for r in f.ranks}):
+            return []  # an exact data cause explains the run: the verdict does not blame other ranks either
         if self._inconsistent_named is not None and set(ranks) <= self._inconsistent_named:
             return []
         self._inconsistent_named = set(ranks) | (self._inconsistent_named or set())
@@ -120,6 +173,10 @@ def direction(test: SequentialTest, found: Any) -> str:
     if found.rank is None:
         return ""
     return f": rank {found.rank}'s {metric} is {'higher' if test.deviation(metric, found.rank) > 0 else 'lower'} than the others'"
+
+
+def _minority(values: Sequence[Any]) -> list[int]:
+    return outliers(values)
 
 
 def _classes(values: Sequence[Any]) -> list[list[int]]:

@@ -81,10 +81,18 @@ def finish_record(out_dir: Path, run: dict[str, Any], result: Any) -> None:
         "torn_bytes_removed": torn,
         # over the completed steps, also of a failed run (docs/diagnosis.md); bounded (record/sample.py);
         # a monitored loop's record has no scenario, its world size is top-level
-        "verdict": verdict_record(sample.rows(), world_size=_world_size(run)),
+        "verdict": verdict_record(sample.rows(), world_size=_world_size(run),
+                                  intended=intended_causes(run)),
         "verdict_input": sample.describe(),
     })
     _write_final(out_dir / RUN_FILE, run)
+
+
+def intended_causes(run: dict[str, Any]) -> list[str]:
+    """The exact causes the run declares on purpose: the monitor's ``intended`` (``fixed_order``), a
+    scenario's ``intended`` (a ``replicate_batch`` baseline)."""
+    declared = run.get("intended") or (run.get("scenario") or {}).get("intended") or []
+    return [str(c) for c in declared] if isinstance(declared, (list, tuple)) else []
 
 
 def disk_note(out_dir: Path) -> str:

@@ -1,19 +1,23 @@
 """The one path of a step's numbers, for the scenario runner's worker and the drop-in monitor alike.
 
-``begin(step)`` asks the cadence (``scenario/cadence.py``) what the step runs and arms the comm hook;
-``end(step, loss)`` - after the optimizer step - builds the row:
+``begin(step)`` asks the cadence (``scenario/cadence.py``) what the step runs and arms the comm hook
+and the state check; ``end(step, loss)`` - after the optimizer step - builds the row:
 
 1. the check-in (``engine/checkin.py``; the monitor's, the runner's launcher watches its ranks
    itself): every rank reached the step with the same plan, or an error naming the ranks;
-2. the step's one all-gather (``engine/gather.py``) of each rank's loss, ‖g_i‖², g_i·ḡ, learning
-   rate and - on state-check steps - exact parameter checksum (FSDP2: of its shards), plus the Gram
-   shares of all-to-all buckets;
-3. the row (``metrics/row.py``), the caller's extra fields (``global_step``);
-4. the sinks (``engine/sinks.py``): the row, then the non-finite events, then the built-in alarms
+2. at the first exchange only, every rank's settings (``engine/config.py``: one
+   ``all_gather_object``) - their differences go into this first row;
+3. the step's one all-gather (``engine/gather.py``) of each rank's loss, ‖g_i‖², g_i·ḡ, learning
+   rate, the data ledger's fixed-size vector (``engine/data_tap.py``: what its training forwards
+   consumed) and - on state-check steps - exact parameter and buffer checksums
+   (``engine/state_check.py``; FSDP2: of its shards), plus the Gram shares of all-to-all buckets;
+   on a state-check step whose checksums differ, one more all-gather of the per-tensor checksums
+   names the first differing tensor;
+4. the row (``metrics/row.py``, the ledger's ``DataLedger.update``), the caller's extra fields;
+5. the sinks (``engine/sinks.py``): the row, then the non-finite events, then the built-in alarms
    (``engine/alarms.py``); with ``on_nonfinite="stop"``, ``NonFiniteStop`` on every rank.
 
-A fix here is a fix for ``testbed run`` and for every monitored loop. Issue 22's per-rank data and
-state fields are one more entry in ``_fields`` and in ``metrics.row.build_row``.
+A fix here is a fix for ``testbed run`` and for every monitored loop.
 """
 from __future__ import annotations
 
@@ -23,14 +27,18 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
+from testbed.engine import config as rank_settings
 from testbed.engine import fsdp
 from testbed.engine.alarms import Alarm, BuiltinAlarms
 from testbed.engine.checkin import CheckIn
+from testbed.engine.data_tap import DataTap
 from testbed.engine.gather import all_gather_fields
 from testbed.engine.hook import ConsistencyState, GradTransform
 from testbed.engine.sinks import Sink
-from testbed.metrics.row import CHECKSUM, DOT_WITH_MEAN, LOCAL_LOSS, LOCAL_LR, SQ_NORM, build_row
-from testbed.metrics.state import parameter_checksum
+from testbed.engine.state_check import StateCheck
+from testbed.metrics.config import config_differences
+from testbed.metrics.ledger import DEFAULT_SAMPLES
+from testbed.metrics.row import DOT_WITH_MEAN, LEDGER, LOCAL_LOSS, LOCAL_LR, SQ_NORM, build_row
 from testbed.metrics.step import NoiseScaleEMA, brute_force
 from testbed.scenario.cadence import Cadence, StepCadence
 from testbed.schema import event as E
@@ -59,7 +67,8 @@ class StepPath:
     def __init__(self, model: torch.nn.Module, state: ConsistencyState, cadence: Cadence, *, device: torch.device,
                  batch_size: int | None = None, noise_scale_ema: float = 0.9, last_step: int | None = None,
                  sinks: Sequence[Sink] = (), alarms: BuiltinAlarms | None = None, checkin: CheckIn | None = None,
-                 on_nonfinite: str = "continue", self_check: bool = False):
+                 on_nonfinite: str = "continue", self_check: bool = False, ledger_samples: int = DEFAULT_SAMPLES,
+                 config: rank_settings.ConfigSource | None = None):
         if on_nonfinite not in ("continue", "stop"):
             raise ValueError(f"on_nonfinite must be 'continue' or 'stop', got {on_nonfinite!r}")
         self.model, self.state, self.cadence, self.device = model, state, cadence, device
@@ -69,7 +78,10 @@ class StepPath:
         self.sinks: list[Sink] = list(sinks)
         self.alarms, self.checkin, self.on_nonfinite = alarms, checkin, on_nonfinite
         self.sharded = fsdp.is_sharded(model)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.state_check = StateCheck(model, device=device, world_size=self.world_size, group=self.group)
+        self.data = DataTap(model, world_size=self.world_size, device=device, samples=ledger_samples) \
+            if ledger_samples else None
+        self.config = config  # this rank's settings, exchanged at the first exchange (then None)
         self.self_check = self_check
         if self_check:
             self.state.keep_local = True  # the hook keeps every local bucket for the brute-force copy
@@ -86,6 +98,7 @@ class StepPath:
         """Arm the hook for ``step``'s backward (before its first forward) and return its plan."""
         self.step, self.plan = step, self.cadence.plan(step, self.last_step)
         self.state.begin_step(self.plan.measure, self.plan.pairwise, grad_transforms, generator, self.device)
+        self.state_check.arm(self.plan.check_state)
         return self.plan
 
     def end(self, step: int, loss: torch.Tensor | float, *, lr: float | None = None,
@@ -99,10 +112,13 @@ class StepPath:
         fields = self._fields(loss, lr, plan.check_state)
         gram = acc.gram if acc is not None else None
         if self.checkin is not None:
-            self.checkin.arrive(step, self.plan_of(plan, gram is not None, len(fields)), self.state.sync_backwards)
+            values = sum(f.numel() for f in fields.values())
+            self.checkin.arrive(step, self.plan_of(plan, gram is not None, values), self.state.sync_backwards)
+        differs = self._exchange_config()
         gathered = all_gather_fields(fields, gram, world_size=self.world_size, device=self.device, group=self.group)
         row = build_row(step, gathered.fields, gathered.gram, measure=plan.measure and acc is not None,
                         pairwise=plan.pairwise, batch_size=self.batch_size, noise=self.noise, sharded=self.sharded)
+        self._exact_fields(row, gathered.fields, plan.check_state, differs)
         row.update(extra or {})  # type: ignore[typeddict-item]
         if self.self_check and plan.measure:
             row[R.SELF_CHECK] = self._self_check()  # type: ignore[literal-required]
@@ -113,11 +129,13 @@ class StepPath:
 
     def final_check(self, step: int, extra: Mapping[str, Any] | None = None) -> Row:
         """The state check after the last step when its row had none (``Monitor.close``): a row with
-        ``step``, the checksums and ``final_check``. Every rank must call it (one all-gather)."""
-        fields = {CHECKSUM: self._checksum()}
+        ``step``, the parameter checksums and ``final_check`` (no buffers: after the last forward they
+        are each rank's own). Every rank must call it (one all-gather, two when they differ)."""
+        fields = self.state_check.fields(with_buffers=False)
         gathered = all_gather_fields(fields, None, world_size=self.world_size, device=self.device, group=self.group)
         row = build_row(step, gathered.fields, None, measure=False, pairwise=False, batch_size=None, noise=self.noise,
                         sharded=self.sharded)
+        self._exact_fields(row, gathered.fields, True, None)
         row.update({R.FINAL_CHECK: True, **(extra or {})})  # type: ignore[typeddict-item]
         self.last_state_check = step
         self._emit(row)
@@ -143,6 +161,9 @@ class StepPath:
         self.sinks = []
         self.state.begin_step(False, device=self.device)
         self.state.on_extra_backward = None
+        self.state_check.close()
+        if self.data is not None:
+            self.data.close()
 
     # ---- internals ----------------------------------------------------------------------------
     @staticmethod
@@ -160,12 +181,31 @@ class StepPath:
             DOT_WITH_MEAN: acc.dot_with_mean if acc is not None else zero,
             LOCAL_LR: torch.tensor(math.nan if lr is None else float(lr), dtype=torch.float64, device=self.device),
         }
+        if self.data is not None:
+            fields[LEDGER] = self.data.payload()
         if check_state:
-            fields[CHECKSUM] = self._checksum()
+            fields.update(self.state_check.fields())
         return fields
 
-    def _checksum(self) -> torch.Tensor:
-        return parameter_checksum(fsdp.local_shards(self.params) if self.sharded else self.params)
+    def _exchange_config(self) -> list[dict[str, Any]] | None:
+        """At the first exchange: every rank's settings, and the keys whose values differ."""
+        source, self.config = self.config, None
+        if source is None or self.world_size < 2:
+            return None
+        return config_differences(rank_settings.exchange(source(), self.world_size, self.group))
+
+    def _exact_fields(self, row: Row, gathered: Mapping[str, Any], check_state: bool,
+                      config_differs: list[dict[str, Any]] | None) -> None:
+        """The ledger's data fields, the per-tensor round of a state check whose totals differ, the
+        settings that differ (first row)."""
+        if self.data is not None and LEDGER in gathered:
+            row.update(self.data.ledger.update(gathered[LEDGER]))  # type: ignore[typeddict-item]
+        if check_state:
+            differs = self.state_check.second_round(dict(gathered))
+            if differs:
+                row[R.STATE_DIFFERS] = differs  # type: ignore[literal-required]
+        if config_differs:
+            row[R.CONFIG_DIFFERS] = config_differs  # type: ignore[literal-required]
 
     def _emit(self, row: Row) -> None:
         """The row, then its non-finite events, then the alarms, to every sink; then the stop policy."""

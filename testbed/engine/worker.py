@@ -11,6 +11,7 @@ import datetime
 import random
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from testbed.engine import device as devices
 from testbed.engine import teardown
 from testbed.engine import fsdp
+from testbed.engine.config import rank_config
+from testbed.engine.coverage import epoch_coverage
 from testbed.workloads.data import ShardedSampler
 from testbed.workloads.optim import build_scheduler
 from testbed.engine.hook import ConsistencyState, install
@@ -121,12 +124,15 @@ def build(scenario: Scenario, ctx: RankContext) -> _Job:
         ddp = fsdp.shard(module, reshard_after_forward=scenario.parallel.reshard_after_forward)
         hook = fsdp.install(ddp)
     else:
-        ddp = DDP(module, device_ids=[device.index] if device.type != "cpu" else None)
+        with warnings.catch_warnings():  # torch >= 2.13 deprecates the keyword (forward_sync_buffers); older lack the new one
+            warnings.simplefilter("ignore", FutureWarning)
+            buffers = {} if scenario.parallel.broadcast_buffers else {"broadcast_buffers": False}
+            ddp = DDP(module, device_ids=[device.index] if device.type != "cpu" else None, **buffers)
         hook = install(ddp)
     optimizer = OPTIMIZERS.get(scenario.optim.kind)(ddp.parameters(), **scenario.optim.params)
     job = _Job(scenario, ctx, device, ddp, optimizer, hook,
                ShardedSampler(dataset.size, scenario.world_size, scenario.batch_size), dataset,
-               [g["lr"] for g in optimizer.param_groups], step_path(scenario, ddp, hook, device, ctx))
+               [g["lr"] for g in optimizer.param_groups], step_path(scenario, ddp, hook, device, ctx, optimizer))
     job.scheduler = build_scheduler(optimizer, scenario.schedule, scenario.steps)
     if ctx.rank == 0:
         job.timing_out = JsonlWriter(ctx.out_dir / TIMING_FILE)
@@ -134,15 +140,16 @@ def build(scenario: Scenario, ctx: RankContext) -> _Job:
 
 
 def step_path(scenario: Scenario, model: torch.nn.Module, hook: ConsistencyState, device: torch.device,
-              ctx: RankContext) -> StepPath:
-    """The scenario's step path: its cadence, rank 0's metrics/events files, its non-finite policy.
-    No check-in and no alarms: the launcher watches the ranks itself (progress counters,
-    ``stall_timeout_s``) and the verdict judges the finished record."""
+              ctx: RankContext, optimizer: torch.optim.Optimizer | None = None) -> StepPath:
+    """The scenario's step path: its cadence, rank 0's metrics/events files, its non-finite policy,
+    the data ledger and the settings exchange. No check-in and no alarms: the launcher watches the
+    ranks itself (progress counters, ``stall_timeout_s``) and the verdict judges the finished record."""
     s = scenario
     return StepPath(model, hook, s.metrics.cadence, device=device, batch_size=s.batch_size * s.grad_accum,
                     noise_scale_ema=s.metrics.noise_scale_ema, last_step=s.steps - 1,
                     sinks=[JsonlSink(ctx.out_dir)] if ctx.rank == 0 else [], on_nonfinite=s.on_nonfinite,
-                    self_check=s.metrics.self_check)
+                    self_check=s.metrics.self_check, ledger_samples=s.metrics.ledger_samples,
+                    config=lambda: rank_config(model, optimizer))
 
 
 def _autocast(plan: StepPlan, device: torch.device) -> contextlib.AbstractContextManager[Any]:
@@ -167,6 +174,10 @@ def train_step(job: _Job, step: int) -> Row | None:
     ctx.mark(step, PHASE_START)
     for action in plan.before_step:
         action()
+    if plan.state_edits:  # a bug zoo edit of this rank's model after wrapping (perturb/bugs.py)
+        with torch.no_grad():
+            for edit in plan.state_edits:
+                edit(job.ddp if fsdp.is_sharded(job.ddp) else job.ddp.module)
     seed_everything(plan.rng_seed)
     lrs = job.scheduler.get_last_lr() if job.scheduler is not None else job.base_lrs
     for group, lr in zip(job.optimizer.param_groups, lrs):
@@ -194,7 +205,9 @@ def train_step(job: _Job, step: int) -> Row | None:
     job.optimizer.zero_grad(set_to_none=True)
     if job.scheduler is not None:
         job.scheduler.step()  # closed form (LambdaLR): the lr_scale set above does not feed back
-    row = job.path.end(step, local_loss, lr=job.lr)  # rank 0's sinks write it (metrics.jsonl)
+    coverage = epoch_coverage(s, job.sampler, step, make_plan) if job.path.plan.collective else None
+    extra = {R.DATA_COVERAGE: coverage} if coverage is not None else None
+    row = job.path.end(step, local_loss, lr=job.lr, extra=extra)  # rank 0's sinks write it (metrics.jsonl)
     ctx.mark(step, PHASE_DONE)
     return row
 

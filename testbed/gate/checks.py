@@ -100,6 +100,8 @@ def evaluate(exp: Expectations, run: RunData, reference: RunData | None = None,
         findings.append(_check_bound(b, run, exp.warmup_steps))
     if exp.verdict is not None or exp.suspects is not None:
         findings.append(_check_verdict(exp, run))
+    if exp.causes is not None:
+        findings.append(_check_causes(exp.causes, run))
     if exp.no_nonfinite:
         findings.append(_check_nonfinite(run))
     if exp.weights_in_sync is not None:
@@ -138,6 +140,27 @@ def _check_verdict(exp: Expectations, run: RunData) -> Finding:
     return Finding("verdict", ok, msg, None, {"status": status, "ranks": ranks},
                    {"status": exp.verdict, "ranks": list(exp.suspects) if exp.suspects is not None else None},
                    None if ok else v.get("since_step"), None if ok else rank)
+
+
+def verdict_causes(verdict: Row) -> list[str]:
+    """The exact causes in a verdict: each data item's cause, ``state``, ``config`` (sorted, distinct);
+    intended ones (declared by the run) are not causes."""
+    found = set()
+    for item in verdict.get("evidence") or []:
+        if not isinstance(item, Mapping) or item.get("kind") not in ("data", "state", "config"):
+            continue
+        if isinstance(item.get("effect"), Mapping) and item["effect"].get("intended"):
+            continue
+        found.add(str(item.get("cause")) if item["kind"] == "data" else str(item["kind"]))
+    return sorted(found)
+
+
+def _check_causes(expected: tuple[str, ...], run: RunData) -> Finding:
+    got = verdict_causes(run.verdict)
+    ok = got == list(expected)
+    msg = f"exact causes {got}" + ("" if ok else f"; expected {list(expected)}") + \
+        f" — {run.verdict.get('headline', '')}"
+    return Finding("causes", ok, msg, None, got, list(expected), None if ok else run.verdict.get("since_step"))
 
 
 def _check_bound(b: Bound, run: RunData, warmup: int) -> Finding:

@@ -28,8 +28,10 @@ import lightning.pytorch as pl
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from testbed.engine.config import rank_config
 from testbed.engine.sinks import is_alarm
-from testbed.integrations.monitor import Monitor, attach
+from testbed.integrations.monitor import Monitor, attach, ordered_loader
+from testbed.metrics.ledger import DEFAULT_SAMPLES
 from testbed.integrations.scalars import alarm_values, flat_values
 from testbed.scenario import cadence as cadence_rule
 from testbed.schema import row as R
@@ -76,16 +78,19 @@ class TestbedLightningCallback(pl.Callback):
                  pairwise_every: int = cadence_rule.PAIRWISE_EVERY,
                  weight_check_every: int = cadence_rule.WEIGHT_CHECK_EVERY, batch_size: int | None = None,
                  alpha: float | None = 0.01, log: bool = True, overwrite: bool = False,
-                 step_timeout_s: float | None = None, name: str | None = None):
+                 step_timeout_s: float | None = None, name: str | None = None, ledger_samples: int = DEFAULT_SAMPLES,
+                 fixed_order: bool = False):
         self.options = dict(out_dir=out_dir, every=every, pairwise_every=pairwise_every,
                             weight_check_every=weight_check_every, batch_size=batch_size, alpha=alpha,
-                            overwrite=overwrite, step_timeout_s=step_timeout_s, name=name)
+                            overwrite=overwrite, step_timeout_s=step_timeout_s, name=name,
+                            ledger_samples=ledger_samples, fixed_order=fixed_order)
         self.log = log
         self.monitor: Monitor | None = None
         self.rows: list[Row] = []
         self.trainer: pl.Trainer | None = None
         self._losses: list[torch.Tensor] = []
         self._global_step = 0
+        self._loader_seen = False
         self._sink = LightningLogSink(self)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -96,6 +101,10 @@ class TestbedLightningCallback(pl.Callback):
             return
         steps = trainer.max_steps - trainer.global_step if trainer.max_steps and trainer.max_steps > 0 else None
         self.monitor = attach(ddp, steps=steps, keep_rows=False, _client="lightning", **self.options)
+        optimizers = list(getattr(trainer, "optimizers", []) or [])
+        # the settings: the optimizer's too, and the train loader's sampler once Lightning has built it
+        self.monitor.path.config = lambda: rank_config(ddp, optimizers[0] if optimizers else None,
+                                                       getattr(trainer, "train_dataloader", None))
         self.monitor.path.sinks.append(self._sink)
         self.trainer, self._global_step = trainer, trainer.global_step
 
@@ -103,6 +112,10 @@ class TestbedLightningCallback(pl.Callback):
                            batch_idx: int) -> None:
         if self.monitor is None:
             return
+        if not self._loader_seen:  # Lightning builds the loader after on_fit_start
+            self._loader_seen = True
+            if ordered_loader(getattr(trainer, "train_dataloader", None)):
+                self.monitor.declare_fixed_order()  # shuffle=False: the order repeats by design
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if isinstance(loss, torch.Tensor):
             self._losses.append(loss.detach() * trainer.accumulate_grad_batches)

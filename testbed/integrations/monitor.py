@@ -39,10 +39,12 @@ import torch.distributed as dist
 
 from testbed.engine import fsdp, teardown
 from testbed.engine.alarms import BuiltinAlarms
+from testbed.engine.config import rank_config
 from testbed.engine.checkin import CheckInError
 from testbed.engine.hook import ConsistencyState, install
 from testbed.engine.sinks import ListenerSink
 from testbed.engine.step_path import StepPath
+from testbed.metrics.ledger import DEFAULT_SAMPLES
 from testbed.integrations import endings
 from testbed.integrations.monitor_setup import Owned, build_sinks, caller_stacklevel, checked_model, claim
 from testbed.integrations.run_record import Ending, rank_environment, verdict_line
@@ -67,7 +69,8 @@ class Monitor:
                  batch_size: int | None = None, noise_scale_ema: float = 0.9, keep_rows: bool = True,
                  tensorboard: str | Path | None = None, optimizer: torch.optim.Optimizer | None = None,
                  alpha: float | None = 0.01, steps: int | None = None, step_timeout_s: float | None = None,
-                 name: str | None = None, on_nonfinite: str = "continue", client: str = "attach"):
+                 name: str | None = None, on_nonfinite: str = "continue", client: str = "attach",
+                 ledger_samples: int = DEFAULT_SAMPLES, fixed_order: bool = False, loader: Any = None):
         self.model: torch.nn.Module | None = model
         self.state, self.cadence, self.alpha = state, cadence, alpha
         self.device = next(model.parameters()).device
@@ -78,15 +81,17 @@ class Monitor:
         self.on_row: list[Listener] = []  # called with every row, on every rank
         self.on_alarm: list[Callable[[Event], None]] = []  # called with every alarm event, on every rank
         self.step_index = 0
+        self.intended = ["epoch_repeat"] if fixed_order or ordered_loader(loader) else []
         self.path = StepPath(model, state, cadence, device=self.device, batch_size=batch_size,
                              noise_scale_ema=noise_scale_ema, last_step=steps - 1 if steps else None,
-                             alarms=BuiltinAlarms(self.world_size, alpha),
-                             checkin=self.checkin if step_timeout_s != 0 else None, on_nonfinite=on_nonfinite)
+                             alarms=BuiltinAlarms(self.world_size, alpha, self.intended),
+                             checkin=self.checkin if step_timeout_s != 0 else None, on_nonfinite=on_nonfinite,
+                             ledger_samples=ledger_samples, config=lambda: rank_config(model, optimizer, loader))
         self.path.sinks = build_sinks(self, tensorboard) + [ListenerSink(self.on_row, self.on_alarm)]
         if self.record is not None:
             info = {K.NAME: name or default_name(), K.CLIENT: client, K.CADENCE: cadence.to_dict(), K.ALPHA: alpha,
                     "batch_size": batch_size, "steps": steps, "step_timeout_s": step_timeout_s,
-                    "noise_scale_ema": noise_scale_ema}
+                    "noise_scale_ema": noise_scale_ema, K.LEDGER_SAMPLES: ledger_samples, K.INTENDED: self.intended}
             self.record.start(info, rank_environment(self.rank, self.device, state.process_group),
                               dist.get_backend(state.process_group), str(self.device))
         self._closed = False
@@ -218,6 +223,18 @@ class Monitor:
             raise RuntimeError("this Monitor is closed")
 
     # ---- small helpers -----------------------------------------------------------------------
+    def declare_fixed_order(self) -> None:
+        """The loader repeats its order every epoch on purpose (``attach(..., fixed_order=True)``
+        after the fact: the Lightning callback calls it once it sees an unshuffled loader). Call it
+        on every rank before the second epoch."""
+        if "epoch_repeat" in self.intended:
+            return
+        self.intended.append("epoch_repeat")
+        if self.path.alarms is not None:
+            self.path.alarms.data.intended.add("epoch_repeat")
+        if self.record is not None and self.record.run:
+            self.record.run[K.INTENDED] = list(self.intended)
+
     def _read_lr(self, optimizer: torch.optim.Optimizer, *args: Any) -> None:
         self._lr = optimizer.param_groups[0]["lr"]
 
@@ -255,7 +272,8 @@ def attach(model: torch.nn.Module, *, out_dir: str | Path | None = None, every: 
            tensorboard: str | Path | None = None, optimizer: torch.optim.Optimizer | None = None,
            alpha: float | None = 0.01, steps: int | None = None, overwrite: bool = False,
            step_timeout_s: float | None = None, name: str | None = None, on_nonfinite: str = "continue",
-           keep_rows: bool = True, _client: str = "attach") -> Monitor:
+           keep_rows: bool = True, ledger_samples: int = DEFAULT_SAMPLES, fixed_order: bool = False,
+           loader: Any = None, _client: str = "attach") -> Monitor:
     """Install the consistency hook on ``model`` (a DDP model, or the root module of an FSDP2
     ``fully_shard`` model) and return its :class:`Monitor`. Call it on every rank, before the first
     backward. Every option is described in docs/monitor.md ("Options of attach"). Everything that
@@ -264,12 +282,15 @@ def attach(model: torch.nn.Module, *, out_dir: str | Path | None = None, every: 
     cadence = Cadence(every, pairwise_every, weight_check_every)  # ValueError naming the option
     if steps is not None and steps < 1:
         raise ValueError(f"steps must be >= 1 (the optimizer steps the loop will run), got {steps}")
+    if isinstance(ledger_samples, bool) or not isinstance(ledger_samples, int) or not 0 <= ledger_samples <= 4096:
+        raise ValueError(f"ledger_samples must be an integer in 0..4096 (0 = the data ledger off), got {ledger_samples!r}")
     owned = claim(process_group, out_dir, overwrite, step_timeout_s)  # RunDirError on every rank
     try:
         state = fsdp.install(model, process_group) if fsdp.is_sharded(model) else _install_ddp(model, process_group)
         monitor = Monitor(model, state, cadence, owned, batch_size=batch_size, noise_scale_ema=noise_scale_ema,
                           keep_rows=keep_rows, tensorboard=tensorboard, optimizer=optimizer, alpha=alpha, steps=steps,
-                          step_timeout_s=step_timeout_s, name=name, on_nonfinite=on_nonfinite, client=_client)
+                          step_timeout_s=step_timeout_s, name=name, on_nonfinite=on_nonfinite, client=_client,
+                          ledger_samples=ledger_samples, fixed_order=fixed_order, loader=loader)
     except BaseException:
         if owned.record is not None:
             owned.record.release()
@@ -284,6 +305,20 @@ def _install_ddp(model: torch.nn.Module, process_group: dist.ProcessGroup | None
     except RuntimeError as e:
         raise RuntimeError(f"cannot attach the testbed hook: {e} (a DDP model takes one comm hook; attach "
                            "replaces DDP's default all-reduce, not a custom hook such as fp16 compression)") from e
+
+
+def ordered_loader(loader: Any) -> bool:
+    """Whether a DataLoader visibly repeats its order every epoch by design: its sampler is a
+    ``DistributedSampler(shuffle=False)`` or a ``SequentialSampler``."""
+    from torch.utils.data import DistributedSampler, SequentialSampler
+
+    sampler = getattr(loader, "sampler", None)
+    if sampler is None or not isinstance(sampler, (DistributedSampler, SequentialSampler)):
+        sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", sampler)
+    if isinstance(sampler, DistributedSampler):
+        return not sampler.shuffle
+    return isinstance(sampler, SequentialSampler) and not isinstance(getattr(loader, "dataset", None),
+                                                                      torch.utils.data.IterableDataset)
 
 
 def default_name() -> str:

@@ -36,8 +36,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from testbed.engine.config import rank_config
 from testbed.engine.sinks import is_alarm
 from testbed.integrations.hf_loss import LossReader
+from testbed.metrics.ledger import DEFAULT_SAMPLES
 from testbed.integrations.monitor import Monitor, attach
 from testbed.integrations.scalars import alarm_values, flat_values
 from testbed.scenario import cadence as cadence_rule
@@ -90,11 +92,12 @@ class TestbedCallback(TrainerCallback):
                  pairwise_every: int = cadence_rule.PAIRWISE_EVERY,
                  weight_check_every: int = cadence_rule.WEIGHT_CHECK_EVERY, alpha: float | None = 0.01,
                  log_every: int | None = None, overwrite: bool = False, step_timeout_s: float | None = None,
-                 name: str | None = None):
+                 name: str | None = None, ledger_samples: int = DEFAULT_SAMPLES, fixed_order: bool = False):
         self.trainer = trainer
         self.options = dict(out_dir=out_dir, every=every, pairwise_every=pairwise_every,
                             weight_check_every=weight_check_every, alpha=alpha, overwrite=overwrite,
-                            step_timeout_s=step_timeout_s, name=name)
+                            step_timeout_s=step_timeout_s, name=name, ledger_samples=ledger_samples,
+                            fixed_order=fixed_order)
         self.monitor: Monitor | None = None
         self.rows: list[Row] = []
         self.log_every = log_every
@@ -110,8 +113,11 @@ class TestbedCallback(TrainerCallback):
                           "(single process, FSDP or DeepSpeed); no consistency metrics are recorded", stacklevel=2)
             return
         steps = state.max_steps - state.global_step if state.max_steps and state.max_steps > 0 else None
+        loader = kwargs.get("train_dataloader")
         self.monitor = attach(ddp, batch_size=args.per_device_train_batch_size * args.gradient_accumulation_steps,
-                              steps=steps, keep_rows=False, _client="hf_trainer", **self.options)
+                              steps=steps, keep_rows=False, loader=loader, _client="hf_trainer", **self.options)
+        optimizer = kwargs.get("optimizer") or getattr(self.trainer, "optimizer", None)
+        self.monitor.path.config = lambda: rank_config(ddp, optimizer, loader)  # the settings include the optimizer's
         self.monitor.path.sinks.append(TrainerLogSink(self))
         self._handle = ddp.register_forward_hook(self._capture_loss, with_kwargs=True)
 

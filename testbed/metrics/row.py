@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from testbed.metrics.state import state_fields
+from testbed.metrics.state import NO_CHECKSUM, buffer_fields, state_fields
 from testbed.metrics.step import (NoiseScaleEMA, gram_scalars, mean_offdiagonal, noise_scale_terms,
                                   pairwise_cosine, step_metrics)
 from testbed.schema import row as R
@@ -20,6 +20,7 @@ from testbed.schema.row import Row
 
 # The names of the per-rank scalars in the step's all-gather (engine/step_path.py fills them).
 LOCAL_LOSS, SQ_NORM, DOT_WITH_MEAN, LOCAL_LR, CHECKSUM = "loss", "sq_norm", "dot_with_mean", "lr", "checksum"
+BUFFERS, SIZES, LEDGER = "buffer_checksum", "state_tensors", "ledger"  # buffer checksum, tensor counts, data ledger
 
 
 def build_row(step: int, fields: Mapping[str, Sequence[float] | np.ndarray], gram: np.ndarray | None, *,
@@ -30,7 +31,8 @@ def build_row(step: int, fields: Mapping[str, Sequence[float] | np.ndarray], gra
     ``measure``: add the per-rank metrics (needs LOCAL_LOSS, SQ_NORM, DOT_WITH_MEAN; buckets of the
     all-to-all path contribute through ``gram``). ``pairwise``: add the cosine matrix (every bucket
     took the all-to-all path, so ``gram`` is the whole G). ``batch_size`` (samples per rank per
-    optimizer step) enables the noise scale. LOCAL_LR and CHECKSUM are used when present."""
+    optimizer step) enables the noise scale. LOCAL_LR, CHECKSUM and BUFFERS (when every rank has one)
+    are used when present."""
     row: Row = {R.STEP: step}  # type: ignore[misc]
     if measure:
         sq_norms = np.asarray(fields[SQ_NORM], dtype=np.float64)
@@ -48,6 +50,8 @@ def build_row(step: int, fields: Mapping[str, Sequence[float] | np.ndarray], gra
         row.update(lr_fields(fields[LOCAL_LR]))
     if CHECKSUM in fields:
         row.update(state_fields(fields[CHECKSUM], sharded=sharded))
+    if BUFFERS in fields and NO_CHECKSUM not in [int(x) for x in fields[BUFFERS]]:
+        row.update(buffer_fields(fields[BUFFERS]))
     return row
 
 

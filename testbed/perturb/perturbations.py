@@ -46,6 +46,9 @@ class StepPlan:
     grad_transforms: list[GradTransform] = field(default_factory=list)
     before_step: list[Callable[[], None]] = field(default_factory=list)
     index_transforms: list[Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=list)
+    fixed_epoch: int | None = None  # the sampler's epoch stays here (set_epoch never called)
+    num_shards: int | None = None  # the sampler's num_replicas (None: the world size; 1: no sharding)
+    state_edits: list[Callable[[torch.nn.Module], None]] = field(default_factory=list)  # on the wrapped module
 
     @staticmethod
     def synced(rank: int, world_size: int, step: int, seed: int) -> "StepPlan":

@@ -16,7 +16,9 @@ the pytest plugin can fail a build when a change to the training stack moves it.
 - ``run_status`` (default ``"ok"``): ``"failed"`` for fault scenarios whose run must fail, with
   optionally ``failed_rank``, the rank the failure report must name. Otherwise a failed run fails.
 - ``verdict``: the run's verdict status must be this (``"consistent"``, ``"inconsistent"``,
-  ``"diverged"``; see docs/diagnosis.md); ``suspects``: the verdict must name exactly these ranks.
+  ``"diverged"``; see docs/diagnosis.md); ``suspects``: the verdict must name exactly these ranks;
+  ``causes``: the verdict's exact causes must be exactly these - data causes (``"replicated"``,
+  ``"overlap"``, ``"epoch_repeat"``, ``"uncovered"``), ``"state"``, ``"config"`` ([]: none at all).
 - ``metrics_equal_to``: another scenario file (relative to this one) whose ``metrics.jsonl``
   must be identical row for row (invariance scenarios, e.g. a straggler changes timing only).
 - ``dispersion_increases`` (sweeps only): a metric name or list; its statistic must not fall
@@ -45,7 +47,8 @@ DISPERSION_METRICS = ("loss_cv", "loss_std", "grad_norm_cv", "grad_norm_std", "c
                       "pairwise_cos_mean")
 STATISTICS = ("mean", "peak", "final")
 _PLAIN_KEYS = {"statistic", "warmup_steps", "weights_in_sync", "no_nonfinite", "metrics_equal_to",
-               "dispersion_increases", "dispersion_slack", "run_status", "failed_rank", "verdict", "suspects"}
+               "dispersion_increases", "dispersion_slack", "run_status", "failed_rank", "verdict", "suspects", "causes"}
+CAUSES = ("replicated", "overlap", "epoch_repeat", "uncovered", "state", "config")
 VERDICTS = ("consistent", "inconsistent", "diverged")
 Row = dict[str, Any]
 
@@ -76,6 +79,7 @@ class Expectations:
     failed_rank: int | None = None
     verdict: str | None = None
     suspects: tuple[int, ...] | None = None
+    causes: tuple[str, ...] | None = None
 
 
 # --------------------------------------------------------------------------- validation
@@ -132,10 +136,15 @@ def parse_expect(raw: Any, source: str, *, steps: int, pairwise_every: int = 0, 
     if suspects is not None and (not isinstance(suspects, list) or not all(is_int(r) and r >= 0 for r in suspects)
                                  or len(set(suspects)) != len(suspects)):
         raise ScenarioError(source, where("suspects"), "a list of distinct ranks (integers >= 0), e.g. [3]", suspects)
+    causes = raw.get("causes")
+    if causes is not None and (not isinstance(causes, list) or not all(c in CAUSES for c in causes)):
+        raise ScenarioError(source, where("causes"), "a list of exact causes from " + ", ".join(map(repr, CAUSES)),
+                            causes)
     return Expectations(tuple(bounds), warmup, statistic, flags["weights_in_sync"],
                         True if flags["no_nonfinite"] is None else flags["no_nonfinite"],
                         reference, increases, float(slack), status, failed_rank,
-                        verdict, tuple(sorted(suspects)) if suspects is not None else None)
+                        verdict, tuple(sorted(suspects)) if suspects is not None else None,
+                        tuple(sorted(set(causes))) if causes is not None else None)
 
 
 def validate_expect(raw: Any, source: str, *, steps: int, pairwise_every: int, weight_check_every: int,

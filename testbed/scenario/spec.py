@@ -22,6 +22,7 @@ from testbed.scenario.readers import check_data_size, check_depth, check_name, r
 from testbed.scenario.registry import Registry, coerce
 from testbed.scenario.schedule import SCHEDULE_KEYS, ScheduleSpec, read_schedule
 from testbed.scenario.sweep import build_levels
+from testbed.schema.run import DATA_CAUSES
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class MetricsSpec:
     weight_check_every: int = cadence_rule.WEIGHT_CHECK_EVERY  # cross-rank parameter checksum (scenario/cadence.py)
     noise_scale_ema: float = 0.9  # EMA factor for B_simple's numerator and denominator
     self_check: bool = False  # also all-gather full gradients and record brute-force values
+    ledger_samples: int = 64  # the data ledger: sampled fingerprints per rank per step (0 = off; metrics/ledger.py)
     save_weights: bool = False  # each rank saves its final parameters to ranks/rank{r}.final.pt
 
     @property
@@ -72,6 +74,7 @@ class ParallelSpec:
 
     kind: str = "ddp"  # ddp | fsdp2
     reshard_after_forward: bool = True  # fsdp2: free the gathered layer weights after forward
+    broadcast_buffers: bool = True  # ddp: DDP(..., broadcast_buffers=...) - False leaves each rank's buffers its own
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ class Scenario:
     parallel: ParallelSpec = ParallelSpec()
     expect: dict[str, Any] = field(default_factory=dict)
     sweep: dict[str, Any] = field(default_factory=dict)
+    intended: tuple[str, ...] = ()  # exact data causes on purpose (a replicate_batch baseline): not counted
     source: str = "<memory>"
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,13 +119,14 @@ class Scenario:
         d["metrics"] = MetricsSpec(**d.get("metrics", {}))
         d["schedule"] = ScheduleSpec(**d.get("schedule", {}))
         d["parallel"] = ParallelSpec(**d.get("parallel", {}))
+        d["intended"] = tuple(d.get("intended", ()))
         return Scenario(**d)
 
 
 _TOP_KEYS = {
     "name", "description", "world_size", "steps", "seed", "backend", "device", "grad_accum",
     "threads_per_rank", "timeout_s", "stall_timeout_s", "on_nonfinite", "model", "data", "optim",
-    "perturbations", "metrics", "parallel", "expect", "sweep",
+    "perturbations", "metrics", "parallel", "expect", "sweep", "intended",
 }
 _BACKENDS = ("auto", "gloo", "nccl", "hccl")
 # Bounds that keep a typo from becoming a memory blow-up or an overflow far from the file: ranks
@@ -199,6 +204,7 @@ def parse_scenario(raw: Mapping[str, Any], source: str = "<memory>") -> Scenario
                                pairwise_every=metrics.pairwise_every,
                                weight_check_every=metrics.weight_check_every, has_sweep=bool(raw.get("sweep"))),
         sweep=v.get(raw, "sweep", dict, default={}),
+        intended=v.intended(raw, perturbations),
         source=source,
     )
     if scenario.sweep:
@@ -314,6 +320,9 @@ class _Validator:
                 raise ScenarioError(self.source, "metrics." + k, "an integer >= 0 (0 = off)", values[k])
         if values["every"] == 0:
             raise ScenarioError(self.source, "metrics.every", "an integer >= 1", 0)
+        if not 0 <= values["ledger_samples"] <= 4096:
+            raise ScenarioError(self.source, "metrics.ledger_samples", "an integer in 0..4096 (0 = off)",
+                                values["ledger_samples"])
         if not 0.0 <= values["noise_scale_ema"] < 1.0:
             raise ScenarioError(self.source, "metrics.noise_scale_ema", "a number in [0, 1)", values["noise_scale_ema"])
         return MetricsSpec(**values)
@@ -326,13 +335,26 @@ class _Validator:
         if kind not in _PARALLEL_KINDS:
             raise ScenarioError(self.source, "parallel.kind", "one of " + ", ".join(map(repr, _PARALLEL_KINDS)), kind)
         reshard = self.get(table, "reshard_after_forward", bool, True, where="parallel.")
-        if kind == "ddp" and "reshard_after_forward" in table:
-            raise ScenarioError(self.source, "parallel.reshard_after_forward", "no such field for kind 'ddp' "
-                                "(it applies to kind = 'fsdp2')", reshard)
+        broadcast = self.get(table, "broadcast_buffers", bool, True, where="parallel.")
+        for key, applies in (("reshard_after_forward", "fsdp2"), ("broadcast_buffers", "ddp")):
+            if key in table and kind != applies:
+                raise ScenarioError(self.source, f"parallel.{key}", f"no such field for kind {kind!r} (it applies "
+                                    f"to kind = {applies!r})", table[key])
         if kind == "fsdp2" and isinstance(expect, Mapping) and expect.get("weights_in_sync") is False:
             raise ScenarioError(self.source, "expect.weights_in_sync", "true or absent: under fsdp2 there are no "
                                 "replicas to diverge (each rank holds a shard)", False)
-        return ParallelSpec(kind, reshard)
+        return ParallelSpec(kind, reshard, broadcast)
+
+    def intended(self, raw: Mapping[str, Any], perturbations: tuple[PerturbationSpec, ...]) -> tuple[str, ...]:
+        """``intended``: the data causes on purpose; by default "replicated" when a ``replicate_batch``
+        baseline is among the perturbations (that kind exists to replicate on purpose)."""
+        if "intended" not in raw:
+            return ("replicated",) if any(p.kind == "replicate_batch" for p in perturbations) else ()
+        value = raw["intended"]
+        if not isinstance(value, list) or not all(isinstance(c, str) and c in DATA_CAUSES for c in value):
+            raise ScenarioError(self.source, "intended", "a list of data causes on purpose, from "
+                                + ", ".join(map(repr, DATA_CAUSES)), value)
+        return tuple(dict.fromkeys(value))
 
     def perturbation(self, table: Mapping[str, Any], index: int, world_size: int, steps: int,
                      registry: Registry) -> PerturbationSpec:

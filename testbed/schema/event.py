@@ -26,10 +26,14 @@ WEIGHTS_DIVERGED = "weights_diverged"  # a state check found the replicas' check
 NONFINITE = "nonfinite"  # a NaN / Inf loss or gradient on a rank
 INCONSISTENT = "inconsistent"  # the online exchangeability test crossed 1/alpha
 LR_DIFFERS = "lr_differs"  # the ranks stepped with different learning rates
-BUILTIN_ALARMS = (WEIGHTS_DIVERGED, NONFINITE, INCONSISTENT, LR_DIFFERS)
+DATA = "data"  # the data ledger found a cause: details "cause" (replicated | overlap | epoch_repeat | uncovered)
+STATE_DIFFERS = "state_differs"  # buffers differ where DDP has just synced them (details "tensor")
+CONFIG_DIFFERS = "config_differs"  # the ranks' settings differ (details "keys")
+BUILTIN_ALARMS = (WEIGHTS_DIVERGED, NONFINITE, INCONSISTENT, LR_DIFFERS, DATA, STATE_DIFFERS, CONFIG_DIFFERS)
 
 __all__ = ["EVENT", "KIND", "MESSAGE", "RANKS", "RANK", "ALARM", "NONFINITE_EVENTS", "WEIGHTS_DIVERGED", "NONFINITE",
-           "INCONSISTENT", "LR_DIFFERS", "BUILTIN_ALARMS", "STEP", "GLOBAL_STEP", "Event"]
+           "INCONSISTENT", "LR_DIFFERS", "DATA", "STATE_DIFFERS", "CONFIG_DIFFERS", "BUILTIN_ALARMS", "STEP",
+           "GLOBAL_STEP", "Event"]
 
 
 class Event(TypedDict, total=False):

@@ -33,6 +33,25 @@ FINAL_CHECK = "final_check"  # true on the state-check-only row ``close()`` adds
 SELF_CHECK = "self_check"
 GLOBAL_STEP = "global_step"  # a framework's own step counter (HF Trainer, Lightning), when it has one
 
+# The state check beyond the trainable parameters (metrics/state.py; docs/metrics.md, "State check")
+BUFFER_CHECKSUM = "buffer_checksum"  # every rank's buffer checksum, taken where DDP has just synced them
+BUFFERS_IN_SYNC = "buffers_in_sync"
+STATE_DIFFERS = "state_differs"  # [{"kind": "parameter" | "buffer", "tensor", "frozen", "ranks", "differing"}]
+# The data ledger (metrics/ledger.py): what each rank's model consumed since the last exchange
+DATA_SAMPLES = "data_samples"  # samples per rank (0: no training forward)
+DATA_DIGEST = "data_digest"  # per rank, an order-sensitive digest of those samples (None: no samples)
+DATA_READS = "data_reads"  # per rank, sampled (ledgered) distinct samples, while the first pass lasts
+DATA_REREADS = "data_rereads"  # per rank, of those, samples read before (any rank) in the first pass
+DATA_SELF = "data_self"  # per rank, of the re-reads, samples the rank itself had read before
+DATA_PAIRS = "data_pairs"  # [[r, s, count]]: r read count samples that rank s had read (r != s)
+DATA_LEVEL = "data_level"  # the ledger's sampling level: it keeps fingerprints with level low bits zero
+DATA_BOUNDARY = "data_boundary"  # true when this step's reads look like an epoch's boundary (metrics/ledger.py)
+DATA_PASS_END = "data_pass_end"  # true at the step the first pass over the data ended (re-reads dominate)
+DATA_TRUNCATED = "data_truncated"  # true when a rank's sampled samples exceeded the payload (some dropped)
+DATA_COVERAGE = "data_coverage"  # runner only: {"epoch", "size", "read", "expected"} at a sampler epoch's end
+# Per-rank settings that differ (first row only; metrics/config.py): [{"key", "values": [per rank]}]
+CONFIG_DIFFERS = "config_differs"
+
 # A flag: {"rank": r | None, "kind": one of FLAG_KINDS}
 FLAG_RANK = "rank"
 FLAG_KIND = "kind"
@@ -82,3 +101,18 @@ class Row(TypedDict, total=False):
     final_check: bool
     self_check: dict[str, Any]
     global_step: int
+    buffer_checksum: list[int]
+    buffers_in_sync: bool
+    state_differs: list[dict[str, Any]]
+    data_samples: list[int]
+    data_digest: list[int | None]
+    data_reads: list[int]
+    data_rereads: list[int]
+    data_self: list[int]
+    data_pairs: list[list[int]]
+    data_level: int
+    data_boundary: bool
+    data_pass_end: bool
+    data_truncated: bool
+    data_coverage: dict[str, int]
+    config_differs: list[dict[str, Any]]

@@ -27,3 +27,6 @@ CADENCE = "cadence"  # which steps are measured / pairwise / state-checked (scen
 CLIENT = "client"  # the monitor's caller: "attach" | "hf_trainer" | "lightning"
 RANKS = "ranks"  # the monitor: every rank's environment (host, pid, local rank, device)
 ALPHA = "alpha"  # the monitor: false-alarm rate of its online test (None: off)
+INTENDED = "intended"  # exact data causes the run declares on purpose ("replicated", "epoch_repeat"): not counted
+DATA_CAUSES = ("replicated", "overlap", "epoch_repeat", "uncovered")  # the data ledger's causes (diagnose/data.py)
+LEDGER_SAMPLES = "ledger_samples"  # the monitor: the data ledger's sampled fingerprints per rank per step (0: off)

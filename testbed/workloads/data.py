@@ -79,10 +79,17 @@ class ShardedSampler:
             )
 
     def indices(self, micro_step: int, plan: StepPlan) -> torch.Tensor:
-        """Indices of the ``micro_step``-th batch of ``plan.data_rank``'s shard under ``plan``."""
-        epoch, k = divmod(micro_step, self.batches_per_epoch)
-        perm = _epoch_permutation(self.size, self.world_size, plan.shuffle_seed, epoch)
-        shard = perm[plan.data_rank :: self.world_size]
+        """Indices of the ``micro_step``-th batch of ``plan.data_rank``'s shard under ``plan``
+        (``plan.num_shards``: the sampler's num_replicas, 1 = the whole dataset per rank;
+        ``plan.fixed_epoch``: an epoch that never advances)."""
+        shards = plan.num_shards or self.world_size
+        per_epoch = self.batches_per_epoch if shards == self.world_size else \
+            max(1, math.ceil(self.size / shards) // self.batch_size)
+        epoch, k = divmod(micro_step, per_epoch)
+        if plan.fixed_epoch is not None:
+            epoch = plan.fixed_epoch
+        perm = _epoch_permutation(self.size, shards, plan.shuffle_seed, epoch)
+        shard = perm[plan.data_rank % shards :: shards]
         idx = shard[k * self.batch_size : (k + 1) * self.batch_size]
         for transform in plan.index_transforms:
             idx = transform(idx)

@@ -14,18 +14,26 @@ from testbed.scenario.tables import MODELS
 
 
 class MLPClassifier(nn.Module):
-    """A plain MLP with optional dropout; cross-entropy loss on ``inputs`` / ``targets``."""
+    """A plain MLP with optional dropout and BatchNorm; cross-entropy loss on ``inputs`` / ``targets``.
+    ``frozen``: the first ``frozen`` hidden layers do not train (a frozen pretrained stem)."""
 
     def __init__(self, features: int, classes: int, hidden: int, depth: int, dropout: float,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, norm: str = "none", frozen: int = 0):
         super().__init__()
         self.dtype = dtype
         layers: list[nn.Module] = []
         width = features
-        for _ in range(depth):
-            layers += [nn.Linear(width, hidden), nn.GELU()]
+        for i in range(depth):
+            block: list[nn.Module] = [nn.Linear(width, hidden)]
+            if norm == "batch":
+                block.append(nn.BatchNorm1d(hidden))
+            block.append(nn.GELU())
             if dropout > 0:
-                layers.append(nn.Dropout(dropout))
+                block.append(nn.Dropout(dropout))
+            if i < frozen:
+                for module in block:
+                    module.requires_grad_(False)
+            layers += block
             width = hidden
         layers.append(nn.Linear(width, classes))
         self.net = nn.Sequential(*layers).to(dtype)
@@ -36,13 +44,16 @@ class MLPClassifier(nn.Module):
 
 @MODELS.register("mlp")
 def mlp(dataset: Dataset, *, hidden: Annotated[int, Bounds(ge=1)] = 64, depth: Annotated[int, Bounds(ge=0)] = 2,
-        dropout: Annotated[float, Bounds(ge=0, lt=1)] = 0.0, dtype: Literal["fp32", "bf16"] = "fp32") -> nn.Module:
+        dropout: Annotated[float, Bounds(ge=0, lt=1)] = 0.0, dtype: Literal["fp32", "bf16"] = "fp32",
+        norm: Literal["none", "batch"] = "none", frozen: Annotated[int, Bounds(ge=0)] = 0) -> nn.Module:
     """MLP over a classification dataset (needs ``info['features']`` and ``info['classes']``).
-    ``dtype = "bf16"``: weights and gradients in bf16 (the loss in fp32), for bf16-gradient runs."""
-    if hidden < 1 or depth < 0 or not 0.0 <= dropout < 1.0:
-        raise ValueError("mlp needs hidden >= 1, depth >= 0 and 0 <= dropout < 1")
+    ``dtype = "bf16"``: weights and gradients in bf16 (the loss in fp32), for bf16-gradient runs.
+    ``norm = "batch"``: BatchNorm1d after each hidden Linear (running statistics: buffers).
+    ``frozen = k``: the first k hidden layers are frozen (``requires_grad`` False) before wrapping."""
+    if hidden < 1 or depth < 0 or not 0.0 <= dropout < 1.0 or not 0 <= frozen <= depth:
+        raise ValueError("mlp needs hidden >= 1, depth >= 0, 0 <= dropout < 1 and 0 <= frozen <= depth")
     return MLPClassifier(dataset.info["features"], dataset.info["classes"], hidden, depth, dropout,
-                         torch.bfloat16 if dtype == "bf16" else torch.float32)
+                         torch.bfloat16 if dtype == "bf16" else torch.float32, norm, frozen)
 
 
 def _mlp_parameters(params: dict, data: dict) -> int:

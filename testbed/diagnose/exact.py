@@ -1,0 +1,119 @@
+"""The exact evidence with a cause, read from the rows: data (``data.py``), state, config.
+
+Each builder returns ``Evidence`` items of kind ``data`` / ``state`` / ``config`` (METRICS.md,
+"Exact evidence"): no p-value to state. ``settle`` then keeps the statistical evidence from
+contradicting them: where an exact data or state cause explains the run, a statistical item that
+points at a rank the exact evidence does not name (or at any rank, when the cause is job-wide) is
+a consequence - ranks whose data is wrong differ in distribution (a rank that re-reads one fixed
+shard every epoch fits it better) - and is moved to the notes instead of blaming a healthy rank.
+
+Who is named (``outliers``): the ranks whose value differs from a plurality of at least two
+ranks; nobody when there is no such plurality (two ranks, or every rank different: not
+attributable, or job-wide).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Sequence
+
+from testbed.diagnose.data import DataFinding, data_findings
+from testbed.diagnose.evidence import EXACT_KINDS, Evidence, counts
+from testbed.schema import row as R
+
+Row = dict[str, Any]
+
+
+def outliers(values: Sequence[Any]) -> list[int]:
+    """Ranks outside the plurality value, when it holds >= 2 ranks and beats every other value."""
+    ranked = Counter(_key(v) for v in values).most_common()
+    if len(ranked) < 2 or ranked[0][1] < 2 or ranked[0][1] == ranked[1][1]:
+        return []
+    return [r for r, v in enumerate(values) if _key(v) != ranked[0][0]]
+
+
+def _key(value: Any) -> Any:
+    return repr(value) if isinstance(value, (list, dict)) else value
+
+
+def exact(kind: str, metric: str, ranks: list[int], step: int, effect: dict[str, Any], **details: Any) -> Evidence:
+    return Evidence(metric, kind, {**effect, "since_step": step}, None, group=[sorted(ranks)],
+                    details={**details, "ranks": sorted(ranks), "step": step})
+
+
+def data_evidence(rows: Sequence[Row], n: int, intended: Sequence[str] = ()) -> list[Evidence]:
+    return [from_finding(f) for f in data_findings(rows, n, intended)]
+
+
+def from_finding(f: DataFinding) -> Evidence:
+    return exact("data", "data", f.ranks, f.step, {**f.effect, "detected_step": f.detected}, cause=f.cause)
+
+
+def state_evidence(rows: Sequence[Row]) -> list[Evidence]:
+    """The first differing tensor of each kind (parameter, buffer) at the first step it differed."""
+    out: dict[str, Evidence] = {}
+    last_ok: dict[str, int] = {}
+    for row in rows:
+        step = row.get(R.STEP)
+        for entry in row.get(R.STATE_DIFFERS) or []:
+            kind = str(entry.get("kind", "parameter"))
+            if kind in out or not isinstance(step, int):
+                continue
+            effect = {"frozen": bool(entry.get("frozen")), "differing_tensors": entry.get("differing"),
+                      "state": kind, "last_in_sync": last_ok.get(kind)}
+            out[kind] = exact("state", f"{kind}s", list(entry.get("ranks") or []), step, effect,
+                              tensor=entry.get("tensor"))
+        if isinstance(step, int) and row.get(R.WEIGHTS_IN_SYNC) is True and "parameter" not in out:
+            last_ok["parameter"] = step
+        if isinstance(step, int) and row.get(R.BUFFERS_IN_SYNC) is True and "buffer" not in out:
+            last_ok["buffer"] = step
+        if row.get(R.BUFFERS_IN_SYNC) is False and "buffer" not in out and isinstance(step, int):
+            sums = row.get(R.BUFFER_CHECKSUM) or []
+            out["buffer"] = exact("state", "buffers", outliers(sums), step,
+                                  {"state": "buffer", "last_in_sync": last_ok.get("buffer")}, tensor=None)
+    return list(out.values())
+
+
+def config_evidence(rows: Sequence[Row]) -> list[Evidence]:
+    """Per-rank settings that differ (the first row's ``config_differs``) and learning rates that
+    differ (``lr_by_rank``, at the first step they do)."""
+    out: list[Evidence] = []
+    first = next((r for r in rows if isinstance(r.get(R.CONFIG_DIFFERS), list)), None)
+    for entry in first.get(R.CONFIG_DIFFERS) if first else []:
+        values = list(entry.get("values") or [])
+        out.append(exact("config", "config", outliers(values), int(first.get(R.STEP, 0)), {},
+                         key=entry.get("key"), values=values))
+    lr_row = next((r for r in rows if isinstance(r.get(R.LR_BY_RANK), list)), None)
+    if lr_row is not None:
+        values = lr_row[R.LR_BY_RANK]
+        out.append(exact("config", "config", outliers(values), int(lr_row.get(R.STEP, 0)), {}, key="lr",
+                         values=values))
+    return out
+
+
+def exact_evidence(rows: Sequence[Row], n: int, intended: Sequence[str] = ()) -> list[Evidence]:
+    return data_evidence(rows, n, intended) + state_evidence(rows) + config_evidence(rows)
+
+
+def settle(statistical: list[Evidence], exact_items: list[Evidence], suspects: Any) -> tuple[list[Evidence], list[str]]:
+    """Statistical evidence that does not contradict the exact data and state causes, and notes for
+    the rest (module doc). ``suspects(e)`` gives the ranks a statistical item points at. A config
+    difference explains nothing by itself (an environment variable may be harmless): it settles
+    nothing."""
+    causes = [e for e in exact_items if counts(e) and e.kind in ("data", "state")]
+    if not causes:
+        return statistical, []
+    named = {r for e in causes for r in e.culprits}
+    kept, notes = [], []
+    for e in statistical:
+        ranks = set(suspects(e))
+        if e.kind in ("divergence", "nonfinite") or (ranks and ranks <= named):
+            kept.append(e)
+            continue
+        who = ", ".join(map(str, sorted(ranks))) if ranks else "none"
+        notes.append(f"statistical evidence on {e.metric} ({e.kind}; ranks named: {who}) follows from the exact "
+                     "cause and is not reported as a finding of its own")
+    return kept, notes
+
+
+def is_exact(e: Evidence) -> bool:
+    return e.kind in EXACT_KINDS

@@ -166,3 +166,27 @@ def test_a_loader_that_shows_shuffle_false_declares_the_fixed_order():
     assert ordered_loader(DataLoader(data, sampler=fixed)) and ordered_loader(DataLoader(data, shuffle=False))
     assert not ordered_loader(DataLoader(data, sampler=DistributedSampler(data, num_replicas=2, rank=0)))
     assert not ordered_loader(DataLoader(data, shuffle=True)) and not ordered_loader(None)
+
+
+def test_a_sampled_long_record_still_gets_its_exact_causes_from_every_row(tmp_path, monkeypatch):
+    """A record too long for the verdict is judged on a sample (record/sample.py), but its data, state
+    and config rules see every row in the same streaming pass: on a sample of every 3rd row the data
+    ledger's windows skip steps, and the missing set_epoch was dated two epochs late."""
+    import json
+
+    from testbed.diagnose.verdict import verdict_record
+    from testbed.engine.finalize import verdict_input
+    from testbed.record import sample
+
+    monkeypatch.setattr(sample, "VERDICT_CELLS", 60)
+    monkeypatch.setattr(sample, "MIN_VERDICT_ROWS", 20)
+    rows = with_stream(Pipeline(no_set_epoch=True).rows(60), 3)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kept, rows_sample, exact_items = verdict_input(tmp_path, 3, [])
+    assert kept == 60 and rows_sample.sampled and len(rows_sample.rows()) < 30
+    alone = verdict_record(rows_sample.rows(), world_size=3)
+    assert [e["step"] for e in alone["evidence"] if e.get("cause") == "epoch_repeat"] == [30]  # the sample alone
+    full = verdict_record(rows_sample.rows(), world_size=3, exact_items=exact_items)
+    assert (full["status"], full["ranks"]) == ("inconsistent", [])
+    assert [(e["kind"], e.get("cause"), e["step"]) for e in full["evidence"] if e["kind"] == "data"] == \
+        [("data", "epoch_repeat", 10)]

@@ -88,7 +88,7 @@ def _recorded_verdict(out_dir: Path, digest: Any, world_size: int) -> dict[str, 
         run = read_run(out_dir)
     except (OSError, ValueError):
         run = {}
-    return verdict_of({"scenario": {"world_size": world_size}, **run}, digest)
+    return verdict_of({"scenario": {"world_size": world_size}, **run}, digest, out_dir)
 
 
 def _nonfinite_events(path: Path) -> dict[str, Any] | None:

@@ -14,9 +14,9 @@ attributable, or job-wide).
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
-from testbed.diagnose.data import DataFinding, data_findings
+from testbed.diagnose.data import DataFinding, DataFindings
 from testbed.diagnose.evidence import EXACT_KINDS, Evidence, counts
 from testbed.schema import row as R
 
@@ -40,58 +40,75 @@ def exact(kind: str, metric: str, ranks: list[int], step: int, effect: dict[str,
                     details={**details, "ranks": sorted(ranks), "step": step})
 
 
-def data_evidence(rows: Sequence[Row], n: int, intended: Sequence[str] = ()) -> list[Evidence]:
-    return [from_finding(f) for f in data_findings(rows, n, intended)]
-
-
 def from_finding(f: DataFinding) -> Evidence:
     return exact("data", "data", f.ranks, f.step, {**f.effect, "detected_step": f.detected}, cause=f.cause)
 
 
-def state_evidence(rows: Sequence[Row]) -> list[Evidence]:
-    """The first differing tensor of each kind (parameter, buffer) at the first step it differed."""
-    out: dict[str, Evidence] = {}
-    last_ok: dict[str, int] = {}
-    for row in rows:
+class ExactEvidence:
+    """The exact evidence of a whole record, fed row by row in step order with bounded memory.
+
+    The launcher and the report stream every row of a long record through it while the statistical
+    part of the verdict sees a bounded sample (``record/sample.py``): the data rules compare
+    consecutive windows and the state and config rules want the first step a difference shows, so
+    they must see every row, not every k-th."""
+
+    def __init__(self, world_size: int, intended: Sequence[str] = ()):
+        self.data = DataFindings(world_size, intended)
+        self.state: dict[str, Evidence] = {}
+        self.last_ok: dict[str, int] = {}
+        self.config: list[Evidence] | None = None
+        self.lr: Evidence | None = None
+
+    def update(self, row: Row) -> None:
+        self.data.update(row)
         step = row.get(R.STEP)
+        if isinstance(step, int):
+            self._state(row, step)
+            self._config(row, step)
+
+    def items(self) -> list[Evidence]:
+        lr = [self.lr] if self.lr is not None else []
+        return [from_finding(f) for f in self.data.findings()] + list(self.state.values()) + (self.config or []) + lr
+
+    def _state(self, row: Row, step: int) -> None:
+        """The first differing tensor of each kind (parameter, buffer) at the first step it differed."""
         for entry in row.get(R.STATE_DIFFERS) or []:
             kind = str(entry.get("kind", "parameter"))
-            if kind in out or not isinstance(step, int):
+            if kind in self.state:
                 continue
             effect = {"frozen": bool(entry.get("frozen")), "differing_tensors": entry.get("differing"),
-                      "state": kind, "last_in_sync": last_ok.get(kind)}
-            out[kind] = exact("state", f"{kind}s", list(entry.get("ranks") or []), step, effect,
-                              tensor=entry.get("tensor"))
-        if isinstance(step, int) and row.get(R.WEIGHTS_IN_SYNC) is True and "parameter" not in out:
-            last_ok["parameter"] = step
-        if isinstance(step, int) and row.get(R.BUFFERS_IN_SYNC) is True and "buffer" not in out:
-            last_ok["buffer"] = step
-        if row.get(R.BUFFERS_IN_SYNC) is False and "buffer" not in out and isinstance(step, int):
+                      "state": kind, "last_in_sync": self.last_ok.get(kind)}
+            self.state[kind] = exact("state", f"{kind}s", list(entry.get("ranks") or []), step, effect,
+                                     tensor=entry.get("tensor"))
+        if row.get(R.WEIGHTS_IN_SYNC) is True and "parameter" not in self.state:
+            self.last_ok["parameter"] = step
+        if row.get(R.BUFFERS_IN_SYNC) is True and "buffer" not in self.state:
+            self.last_ok["buffer"] = step
+        if row.get(R.BUFFERS_IN_SYNC) is False and "buffer" not in self.state:
             sums = row.get(R.BUFFER_CHECKSUM) or []
-            out["buffer"] = exact("state", "buffers", outliers(sums), step,
-                                  {"state": "buffer", "last_in_sync": last_ok.get("buffer")}, tensor=None)
-    return list(out.values())
+            self.state["buffer"] = exact("state", "buffers", outliers(sums), step,
+                                         {"state": "buffer", "last_in_sync": self.last_ok.get("buffer")}, tensor=None)
+
+    def _config(self, row: Row, step: int) -> None:
+        """Per-rank settings that differ (the first row's ``config_differs``) and learning rates that
+        differ (``lr_by_rank``, at the first step they do)."""
+        if self.config is None and isinstance(row.get(R.CONFIG_DIFFERS), list):
+            self.config = []
+            for entry in row[R.CONFIG_DIFFERS]:
+                values = list(entry.get("values") or [])
+                self.config.append(exact("config", "config", outliers(values), step, {}, key=entry.get("key"),
+                                         values=values))
+        if self.lr is None and isinstance(row.get(R.LR_BY_RANK), list):
+            values = row[R.LR_BY_RANK]
+            self.lr = exact("config", "config", outliers(values), step, {}, key="lr", values=values)
 
 
-def config_evidence(rows: Sequence[Row]) -> list[Evidence]:
-    """Per-rank settings that differ (the first row's ``config_differs``) and learning rates that
-    differ (``lr_by_rank``, at the first step they do)."""
-    out: list[Evidence] = []
-    first = next((r for r in rows if isinstance(r.get(R.CONFIG_DIFFERS), list)), None)
-    for entry in first.get(R.CONFIG_DIFFERS) if first else []:
-        values = list(entry.get("values") or [])
-        out.append(exact("config", "config", outliers(values), int(first.get(R.STEP, 0)), {},
-                         key=entry.get("key"), values=values))
-    lr_row = next((r for r in rows if isinstance(r.get(R.LR_BY_RANK), list)), None)
-    if lr_row is not None:
-        values = lr_row[R.LR_BY_RANK]
-        out.append(exact("config", "config", outliers(values), int(lr_row.get(R.STEP, 0)), {}, key="lr",
-                         values=values))
-    return out
-
-
-def exact_evidence(rows: Sequence[Row], n: int, intended: Sequence[str] = ()) -> list[Evidence]:
-    return data_evidence(rows, n, intended) + state_evidence(rows) + config_evidence(rows)
+def exact_evidence(rows: Iterable[Row], n: int, intended: Sequence[str] = ()) -> list[Evidence]:
+    """Every row through ``ExactEvidence``: the data, state and config evidence of the run."""
+    tracker = ExactEvidence(n, intended)
+    for row in rows:
+        tracker.update(row)
+    return tracker.items()
 
 
 def settle(statistical: list[Evidence], exact_items: list[Evidence], suspects: Any) -> tuple[list[Evidence], list[str]]:

@@ -96,14 +96,17 @@ class Verdict:
 
 def diagnose(rows: Sequence[Row], *, alpha: float = 0.01, world_size: int | None = None, seed: int = 0,
              transient_threshold: float | None = DEFAULT_THRESHOLD, replicas_intended: bool | None = None,
-             intended: Sequence[str] = ()) -> Verdict:
+             intended: Sequence[str] = (), exact_items: Sequence[Evidence] | None = None) -> Verdict:
     """The verdict on recorded rows (module doc). Deterministic for a given ``seed``.
     ``transient_threshold``: the smallest |z| reported as a spike (None: no spike test).
     ``intended``: the exact data causes the run declares on purpose (``"replicated"``: a
     ``replicate_batch`` baseline; ``"epoch_repeat"``: a loader that repeats its order): found, marked
     intended, not counted. ``replicas_intended``: whether bit-identical ranks are meant (the ranks
     apart from them are the fault) or not (they are the fault); None: from ``intended`` - and when the
-    rows carry the data ledger, replication not declared is not intended - else unknown (``replicas``)."""
+    rows carry the data ledger, replication not declared is not intended - else unknown (``replicas``).
+    ``exact_items``: the data / state / config evidence computed over every row of the record
+    (``exact.ExactEvidence``) when ``rows`` is only a sample of it (``record/sample.py``); None:
+    computed from ``rows``."""
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     rows = [r for r in rows if isinstance(r, dict) and isinstance(r.get("step"), int)]
@@ -156,7 +159,8 @@ def diagnose(rows: Sequence[Row], *, alpha: float = 0.01, world_size: int | None
     reported = [s for s in found_spikes if s.rank not in names.ranks]
     evidence += transient_evidence(reported, transient_threshold or 0.0, adjusted.get(SPIKES),
                                    multiplier.get(SPIKES, 1), alpha)
-    evidence, groups = _with_causes(exact_evidence(rows, n, intended), evidence, groups, notes, n)
+    causes = list(exact_items) if exact_items is not None else exact_evidence(rows, n, intended)
+    evidence, groups = _with_causes(causes, evidence, groups, notes, n)
     evidence += nonfinite_evidence(rows)
     divergence, div_groups = divergence_evidence(rows, n)
     evidence += divergence
@@ -357,12 +361,13 @@ def _offset_groups(family: dict[str, tuple[list[int], np.ndarray, bool]], signif
 
 
 def verdict_record(rows: Sequence[Row], *, world_size: int | None = None, alpha: float = 0.01,
-                   replicas_intended: bool | None = None, intended: Sequence[str] = ()) -> Row:
+                   replicas_intended: bool | None = None, intended: Sequence[str] = (),
+                   exact_items: Sequence[Evidence] | None = None) -> Row:
     """``diagnose(rows).to_record()``, never raising: a verdict that cannot be computed says why
     (``status: "unknown"``) instead of costing the run its record."""
     try:
         return diagnose(rows, alpha=alpha, world_size=world_size, replicas_intended=replicas_intended,
-                        intended=intended).to_record()
+                        intended=intended, exact_items=exact_items).to_record()
     except Exception as e:  # noqa: BLE001 - the record matters more than the judgement
         return {"status": "unknown", "ranks": [], "groups": None, "since_step": None, "until_step": None,
                 "alpha": alpha, "evidence": [], "steps": len(rows), "headline": f"no verdict: {type(e).__name__}: {e}",

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from testbed.diagnose.exact import ExactEvidence
 from testbed.diagnose.verdict import verdict_record
 from testbed.record.files import (EVENTS_FILE, METRICS_FILE, RUN_FILE, TIMING_FILE, dumps, environment,
                                   iter_jsonl, iter_metrics, repair_jsonl, write_json_atomic)
@@ -67,7 +68,7 @@ def finish_record(out_dir: Path, run: dict[str, Any], result: Any) -> None:
     if result.status != "ok" and (note := disk_note(out_dir)):
         result.reason = f"{result.reason} ({note})"
     nonfinite = _nonfinite_events(out_dir / EVENTS_FILE)
-    steps_kept, sample = _verdict_sample(out_dir, _world_size(run))
+    steps_kept, sample, exact_items = verdict_input(out_dir, _world_size(run), intended_causes(run))
     run.update({
         "status": result.status,
         "reason": result.reason,
@@ -81,8 +82,8 @@ def finish_record(out_dir: Path, run: dict[str, Any], result: Any) -> None:
         "torn_bytes_removed": torn,
         # over the completed steps, also of a failed run (docs/diagnosis.md); bounded (record/sample.py);
         # a monitored loop's record has no scenario, its world size is top-level
-        "verdict": verdict_record(sample.rows(), world_size=_world_size(run),
-                                  intended=intended_causes(run)),
+        "verdict": verdict_record(sample.rows(), world_size=_world_size(run), intended=intended_causes(run),
+                                  exact_items=exact_items),
         "verdict_input": sample.describe(),
     })
     _write_final(out_dir / RUN_FILE, run)
@@ -110,16 +111,24 @@ def _world_size(run: dict[str, Any]) -> int | None:
     return run.get("world_size") or (scenario.get("world_size") if isinstance(scenario, dict) else None)
 
 
-def _verdict_sample(out_dir: Path, world_size: int | None) -> tuple[int, RowSample]:
-    """(valid metric rows on disk, the verdict's bounded sample of them): one streaming pass."""
+def verdict_input(out_dir: Path, world_size: int | None,
+                  intended: list[str]) -> tuple[int, RowSample, list[Any] | None]:
+    """One streaming pass over ``metrics.jsonl``: (valid rows on disk, the verdict's bounded sample of
+    them, the exact evidence over every row). The exact rules (data, state, config) compare
+    consecutive rows and want the first step a difference shows, so a long record's sample would
+    miss them; they see every row here, in bounded memory (``diagnose.exact.ExactEvidence``).
+    None when the world size is unknown (the verdict then reads them from the sample)."""
     path = out_dir / METRICS_FILE
+    exact = ExactEvidence(world_size, intended) if world_size else None
     try:
         sample = RowSample(count_lines(path), verdict_rows(world_size))
         for index, row in enumerate(iter_metrics(out_dir)):
             sample.add(index, row)
-        return sample.seen, sample
+            if exact is not None:
+                exact.update(row)
+        return sample.seen, sample, exact.items() if exact is not None else None
     except (OSError, RunDirError):
-        return 0, RowSample(0)
+        return 0, RowSample(0), None
 
 
 def _nonfinite_events(path: Path) -> dict[str, Any]:

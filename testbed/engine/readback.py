@@ -15,6 +15,7 @@ from typing import Any
 
 from testbed.diagnose.summary import SUMMARY_METRICS, summarize
 from testbed.diagnose.verdict import verdict_record
+from testbed.engine.finalize import intended_causes, verdict_input
 from testbed.record.digest import RunDigest
 from testbed.record.files import METRICS_FILE, iter_metrics
 from testbed.record.sample import count_lines
@@ -37,10 +38,18 @@ def summary_of(digest: RunDigest) -> dict[str, Any]:
     return summary
 
 
-def verdict_of(run: dict[str, Any], digest: RunDigest) -> dict[str, Any]:
-    """The recorded verdict, else one computed from the bounded sample."""
+def verdict_of(run: dict[str, Any], digest: RunDigest, run_dir: Path | None = None) -> dict[str, Any]:
+    """The recorded verdict, else one computed from the bounded sample (and, for a sampled record
+    in ``run_dir``, the exact evidence of every row: a second streaming pass, as the launcher does)."""
     recorded = run.get("verdict")
     if isinstance(recorded, dict) and "headline" in recorded:
         return recorded
     world_size = (run.get("scenario") or {}).get("world_size") or run.get("world_size")  # a monitor's: top-level
-    return verdict_record(digest.sample.rows(), world_size=world_size)
+    intended = intended_causes(run)
+    exact_items = None
+    if digest.sample.sampled and run_dir is not None:
+        try:
+            exact_items = verdict_input(Path(run_dir), world_size, intended)[2]
+        except OSError:
+            exact_items = None
+    return verdict_record(digest.sample.rows(), world_size=world_size, intended=intended, exact_items=exact_items)

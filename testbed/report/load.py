@@ -71,7 +71,7 @@ def load_run(run_dir: Path, label: str | None = None, level: dict[str, Any] | No
     name = label or (meta.get("scenario") or {}).get("name") or meta.get("name") or run_dir.name  # a monitor's: name
     status = (level or {}).get("status") or meta.get("status", "unknown")
     return RunData(printable(str(name)), run_dir, digest.plot_rows, status, summary_of(digest), level,
-                   verdict_of(meta, digest), digest.last_pairwise, digest.describe(), world_size)
+                   verdict_of(meta, digest, run_dir), digest.last_pairwise, digest.describe(), world_size)
 
 
 def load_sweep(sweep_dir: Path) -> SweepData:

@@ -103,8 +103,9 @@ def _cells() -> list[tuple[str, int, Path, list[dict[str, Any]], tuple[int, ...]
         ranks = list(range(n - k, n))
         cells.append((f"seed_desync {k} of {n} (replicated batches)", n, SEED_BASE,
                       [REPLICATE, {"kind": "seed_desync", "ranks": ranks}], tuple(ranks), 0, True, {}))
+    # the data ledger names the ranks that read another rank's batches (issue 22): 1 and 2
     cells.append(("ranks 1, 2 read rank 0's batches (of 5)", 5, MLP_BASE,
-                  [{"kind": "replicate_batch", "ranks": [1, 2]}], (), 0, None, {}))
+                  [{"kind": "replicate_batch", "ranks": [1, 2]}], (1, 2), 0, None, {}))
     cells.append(("shard_skew task 0 on 2 of 4 (transformer)", 4, LM_BASE,
                   [{"kind": "shard_skew", "ranks": [2, 3], "groups": 6, "keep": [0]}], (2, 3), 0, None,
                   {"model": SMALL_LM, "data": SMALL_TEXT}))

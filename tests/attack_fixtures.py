@@ -36,7 +36,7 @@ def fake_launch(scenario: Any, out_dir: Path, overwrite: bool = False, claim: An
         for step in range(scenario.steps):
             writer.write(row(step, scenario.world_size))
         writer.close()
-        result = runner.RunResult(out_dir, "ok", wall_time_s=0.01)
+        result = runner.RunResult("ok", wall_time_s=0.01)
         finish_record(out_dir, run, result)
         return result
     finally:

@@ -216,7 +216,7 @@ def test_a_full_disk_at_the_final_run_json_never_leaves_it_empty(tmp_path: Path,
     run = start_record(parse_scenario(TINY), tmp_path, "gloo", "spawn")
     (tmp_path / "metrics.jsonl").write_text(json.dumps(row(0)) + "\n")
     _full_disk(monkeypatch, "run.json")  # the atomic copy fails: the in-place fallback must fit the old bytes
-    finish_record(tmp_path, run, runner.RunResult(tmp_path, "failed", "rank 0 failed: disk full"))
+    finish_record(tmp_path, run, runner.RunResult("failed", "rank 0 failed: disk full"))
     final = json.loads((tmp_path / "run.json").read_text())
     assert (final["status"], final["steps_kept"]) == ("failed", 1)
 

@@ -6,11 +6,10 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -18,15 +17,6 @@ import testbed
 from testbed.integrations.hf_loss import LossReader
 from testbed.integrations.scalars import flat_values
 from testbed.record.files import read_jsonl, read_metrics
-
-
-@pytest.fixture
-def one_rank() -> Iterator[None]:
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def _model() -> tuple[DDP, torch.optim.Optimizer]:

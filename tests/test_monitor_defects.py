@@ -10,7 +10,7 @@ import re
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,15 +25,6 @@ from testbed.report.html import load_inputs
 from testbed.scenario.spec import MetricsSpec
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def one_rank() -> Iterator[None]:
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def _rows(n: int, offset: float, seed: int, steps: int = 80) -> list[dict[str, Any]]:

@@ -12,11 +12,10 @@ import time
 import types
 import weakref
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import testbed
@@ -25,16 +24,6 @@ from testbed.record.files import RunDirError, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(Path(__file__).with_name("lifecycle_script.py"))
-
-
-@pytest.fixture
-def one_rank() -> Iterator[None]:
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _train(monitor: Any, model: DDP, steps: int) -> None:

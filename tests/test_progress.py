@@ -139,7 +139,7 @@ def test_sweep_shows_each_levels_progress_and_the_levels_done(tmp_path: Path, mo
             while term is not None and step == 2 and f" 3/6, ETA" not in term.read()[-300:]:
                 assert time.monotonic() < deadline, "the terminal never showed step 3/6"
                 time.sleep(0.02)  # the level goes on once its mid-run state was drawn (no race)
-        return runner.RunResult(out_dir, "ok", wall_time_s=0.1)
+        return runner.RunResult("ok", wall_time_s=0.1)
 
     monkeypatch.setattr(runner, "launch", fake_launch)
     path = tmp_path / "ladder.toml"

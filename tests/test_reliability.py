@@ -163,7 +163,7 @@ def test_the_launcher_cuts_a_torn_tail_and_counts_what_is_kept(tmp_path: Path) -
     """A rank SIGKILLed mid-line: finish_record leaves whole lines and says so in run.json."""
     torn = '{"step": 2, "lo'
     (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1}\n' + torn)
-    result = runner.RunResult(tmp_path, "failed", "rank 0 died")
+    result = runner.RunResult("failed", "rank 0 died")
     finish_record(tmp_path, {"status": "running"}, result)
     run = run_json(tmp_path)
     assert (run["status"], run["steps_kept"], run["torn_bytes_removed"]) == ("failed", 2, {"metrics.jsonl": len(torn)})

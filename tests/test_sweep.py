@@ -124,7 +124,7 @@ class FakeLauncher:
         run = runner.start_record(scenario, out_dir, "gloo", "fake")
         if label in self.interrupt:
             raise KeyboardInterrupt
-        result = runner.RunResult(out_dir, "failed" if label in self.fail else "ok", reason="fake failure")
+        result = runner.RunResult("failed" if label in self.fail else "ok", reason="fake failure")
         runner.finish_record(out_dir, run, result)
         return result
 

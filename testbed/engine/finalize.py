@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,24 @@ from testbed.schema import event as E
 
 JSONL_FILES = (METRICS_FILE, EVENTS_FILE, TIMING_FILE)
 LOW_DISK_BYTES = 1 << 20  # below this much free space a failed run is said to have met a full disk
+
+
+@dataclass
+class Ending:
+    """How a run ended, as ``finish_record`` mirrors it into run.json: the launcher's result
+    (``runner.RunResult``) and the monitor's ending are both one, so the keys have one owner."""
+
+    status: str  # "ok" | "failed"
+    reason: str = ""
+    failed_rank: int | None = None
+    failed_step: int | None = None
+    traceback: str | None = None
+    wall_time_s: float = 0.0
+    rank_reports: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
 
 
 def start_record(scenario: Scenario, out_dir: Path, backend: str, launcher: str) -> dict[str, Any]:
@@ -53,7 +72,7 @@ def remove_stale_record(out_dir: Path) -> None:
     record_subdir(out_dir, RANKS_DIR)
 
 
-def finish_record(out_dir: Path, run: dict[str, Any], result: Any) -> None:
+def finish_record(out_dir: Path, run: dict[str, Any], result: Ending) -> None:
     """Final status over whole-line files; also the non-finite events (a run that goes on past a
     NaN is "ok" but must not look clean: ``nonfinite.first`` names the rank and step where it
     began) and ``steps_kept``, the metric rows on disk. Never raises."""

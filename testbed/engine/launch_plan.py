@@ -254,17 +254,17 @@ def launch_torchrun(scenario: Scenario, scenario_path: Path, out_dir: Path, args
         pass
     wall = time.monotonic() - started
     if run.get("status") in ("ok", "failed") and (code is not None or run["status"] == "failed"):
-        return RunResult(out_dir, run["status"], run.get("reason", ""), run.get("failed_rank"), run.get("failed_step"),
+        return RunResult(run["status"], run.get("reason", ""), run.get("failed_rank"), run.get("failed_step"),
                          run.get("traceback"), run.get("wall_time_s") or wall, run.get("rank_reports", []))
     if code == 0 and args.node_rank != 0:
-        return RunResult(out_dir, "ok", f"node {args.node_rank} finished; rank 0 writes the record on node 0",
+        return RunResult("ok", f"node {args.node_rank} finished; rank 0 writes the record on node 0",
                          wall_time_s=wall)
     last = next((line for line in reversed(tail.lines) if line.strip()), "")
     reason = (f"torchrun exceeded timeout_s + {TORCHRUN_GRACE_S:g} s and was killed" if code is None
               else f"torchrun exited with code {code} before rank 0 finished the record")
     if code is None and plan.nnodes > 1:
         reason += f" (waiting for {plan.nnodes} nodes at {plan.master_addr}:{plan.master_port}?)"
-    result = RunResult(out_dir, "failed", reason + (f": {last.strip()[:300]}" if last and code is not None else ""),
+    result = RunResult("failed", reason + (f": {last.strip()[:300]}" if last and code is not None else ""),
                        wall_time_s=wall)
     if run.get("status") == "running":  # rank 0 never started, died, or was killed here
         finish_record(out_dir, run, result)

@@ -19,11 +19,10 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from testbed.engine.finalize import finish_record, remove_stale_record, start_record
+from testbed.engine.finalize import Ending, finish_record, remove_stale_record, start_record
 from testbed.engine.preflight import check_components, check_devices
 from testbed.engine.loopback import loopback_interface, loopback_store
 from testbed.engine.signals import LauncherStopped, StopOnSignals, check_stop
@@ -48,22 +47,7 @@ STACK_WAIT_S = 1.0  # how long a hung rank gets to dump its Python stack (faulth
 _remove_stale_record = remove_stale_record  # the name torchrun.py imports
 
 
-@dataclass
-class RunResult:
-    """What the launcher learned; mirrored into run.json."""
-
-    out_dir: Path
-    status: str  # "ok" | "failed"
-    reason: str = ""
-    failed_rank: int | None = None
-    failed_step: int | None = None
-    traceback: str | None = None
-    wall_time_s: float = 0.0
-    rank_reports: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
+RunResult = Ending  # what the launcher learned, mirrored into run.json (engine/finalize.py)
 
 
 def _rank_main(scenario_dict: dict[str, Any], rank: int, world_size: int, port: int, out_dir: str,
@@ -158,14 +142,14 @@ def _launch_claimed(scenario: Scenario, out_dir: Path, signals: StopOnSignals) -
     run: dict[str, Any] = {}
     procs: list[Any] = []
     store = None
-    result = RunResult(out_dir, "failed", "the launcher stopped before the ranks finished")
+    result = RunResult("failed", "the launcher stopped before the ranks finished")
     try:
         remove_stale_record(out_dir)
         run = start_record(scenario, out_dir, scenario.backend, "spawn")
         try:
             check_components(scenario)
         except ScenarioError as e:  # bound to fail on every rank: recorded, no rank started
-            result = RunResult(out_dir, "failed", f"refused before the ranks started: {e}")
+            result = RunResult("failed", f"refused before the ranks started: {e}")
             return result
         store = loopback_store(n, scenario.stall_timeout_s)
         ctx = mp.get_context("spawn")
@@ -178,13 +162,13 @@ def _launch_claimed(scenario: Scenario, out_dir: Path, signals: StopOnSignals) -
             p.start()
         result = _watch(scenario, procs, progress, out_dir, started)
     except LauncherStopped as exc:  # SIGTERM / SIGHUP: recorded, ranks killed, then re-raised
-        result = RunResult(out_dir, "failed", f"launcher stopped by {exc.signame}",
+        result = RunResult("failed", f"launcher stopped by {exc.signame}",
                            rank_reports=_rank_reports(out_dir))
         raise
     except BaseException as exc:  # Ctrl-C, a full disk, a launcher bug: recorded in run.json, then re-raised
         what = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        result = RunResult(out_dir, "failed", f"launcher {what}: {text}",
+        result = RunResult("failed", f"launcher {what}: {text}",
                            traceback=traceback.format_exc(), rank_reports=_rank_reports(out_dir))
         raise
     finally:
@@ -249,7 +233,7 @@ def _finished_result(out_dir: Path, procs: list[Any], waited: float = GRACE_S) -
     notes = [f"rank {r} {'did not exit within %.0f s (killed)' % waited if p.exitcode is None else _how(p.exitcode)}"
              for r, p in enumerate(procs) if p.exitcode != 0]
     reason = "all steps finished; then during teardown " + "; ".join(notes) if notes else ""
-    return RunResult(out_dir, "ok", reason)
+    return RunResult("ok", reason)
 
 
 def _how(code: int) -> str:
@@ -295,7 +279,7 @@ def _failure_result(out_dir: Path, procs: list[Any], exit_order: list[int], prog
     root = (primary or silent or early or failed or [None])[0]
     if root is None:
         codes = [p.exitcode for p in procs]
-        return RunResult(out_dir, "failed", f"ranks ended unfinished (exit codes {codes}, progress {progress})",
+        return RunResult("failed", f"ranks ended unfinished (exit codes {codes}, progress {progress})",
                          rank_reports=list(reports.values()))
     report = reports.get(root)
     tb: str | None = None
@@ -314,7 +298,7 @@ def _failure_result(out_dir: Path, procs: list[Any], exit_order: list[int], prog
         how = f"signal {_signal_name(-code)}" if code < 0 else f"exit code {code}"
         what = "exited before finishing" if root in early else "died without a report"
         reason = f"rank {root} {what} {where} ({how})"
-    return RunResult(out_dir, "failed", reason, root, step, tb, rank_reports=list(reports.values()))
+    return RunResult("failed", reason, root, step, tb, rank_reports=list(reports.values()))
 
 
 def _where(progress_value: int) -> tuple[int | None, str]:
@@ -346,7 +330,7 @@ def _hang_result(out_dir: Path, progress: list[int], limit: float, procs: list[A
     stacks = _dump_stacks(out_dir, procs)
     stuck = [r for r, v in enumerate(progress) if v == min(progress)]
     tb = next((stacks[r] for r in stuck if stacks.get(r)), None)
-    return RunResult(out_dir, "failed", reason, rank, step, tb, rank_reports=_rank_reports(out_dir))
+    return RunResult("failed", reason, rank, step, tb, rank_reports=_rank_reports(out_dir))
 
 
 def _dump_stacks(out_dir: Path, procs: list[Any]) -> dict[int, str]:
@@ -382,7 +366,7 @@ def _read_text(path: Path) -> str:
 def _timeout_result(out_dir: Path, progress: list[int], scenario: Scenario) -> RunResult:
     rank, step, who, where = _laggard(progress)
     reason = f"run exceeded timeout_s = {scenario.timeout_s:g} s (slowest: {who} {where})"
-    return RunResult(out_dir, "failed", reason, rank, step, rank_reports=_rank_reports(out_dir))
+    return RunResult("failed", reason, rank, step, rank_reports=_rank_reports(out_dir))
 
 
 def _kill_all(procs: list[Any]) -> None:

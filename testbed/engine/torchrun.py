@@ -97,7 +97,7 @@ def run_rank(scenario: Scenario, out_dir: Path, rank: int, world_size: int, loca
     finally:
         signal.signal(signal.SIGTERM, previous)
     if run is not None:
-        finish_record(out_dir, run, RunResult(out_dir, "ok", wall_time_s=time.monotonic() - started))
+        finish_record(out_dir, run, RunResult("ok", wall_time_s=time.monotonic() - started))
     return 0
 
 
@@ -124,7 +124,7 @@ def failure_result(out_dir: Path, own: dict[str, Any]) -> Any:
         time.sleep(0.1)
     root = primary[0] if primary else own
     reason = f"rank {root['rank']} failed at step {root['step']}: {root['error']}"
-    return RunResult(out_dir, "failed", reason, root["rank"], root["step"], root.get("traceback"),
+    return RunResult("failed", reason, root["rank"], root["step"], root.get("traceback"),
                      rank_reports=reports)
 
 

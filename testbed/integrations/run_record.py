@@ -22,7 +22,6 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from testbed.engine.checkin import CheckIn
-from testbed.engine.finalize import finish_record
+from testbed.engine.finalize import Ending, finish_record
 from testbed.record.files import RUN_FILE, RunDirError, environment, write_json_atomic
 from testbed.record.rundir import DirLock, claim_run_dir
 from testbed.schema import run as K
@@ -40,19 +39,6 @@ LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RA
                "SLURM_JOB_ID", "SLURM_PROCID", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 SECONDARY = ("while rank", "Connection closed by peer", "Connection reset", "Broken pipe", "stopped by SIG",
              "NCCL communicator was aborted", "recvBytes", "Socket Timeout")
-
-
-@dataclass
-class Ending:
-    """How the record ends (``engine.finalize.finish_record`` reads these attributes)."""
-
-    status: str
-    reason: str = ""
-    failed_rank: int | None = None
-    failed_step: int | None = None
-    traceback: str | None = None
-    wall_time_s: float = 0.0
-    rank_reports: list[dict[str, Any]] = field(default_factory=list)
 
 
 def launcher() -> dict[str, Any]:

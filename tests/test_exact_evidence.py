@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 
 from testbed.diagnose import diagnose
-from testbed.diagnose.exact import outliers
+from testbed.diagnose.evidence import Evidence
+from testbed.diagnose.exact import exact, outliers, settle, settles
 from testbed.engine.config import rank_config
 from testbed.gate.checks import RunData, evaluate, verdict_causes
 from testbed.metrics.config import config_differences
@@ -48,6 +49,21 @@ def test_a_named_data_cause_keeps_the_statistics_on_its_rank():
     assert (v.status, v.ranks) == ("inconsistent", [1])
     assert {e.kind for e in v.evidence} == {"data", "persistent"}
     assert v.headline().startswith("INCONSISTENT — rank 1's samples overlap the other ranks'")
+
+
+def test_unread_samples_alone_leave_the_statistics_to_name_the_ranks():
+    """Shard skew on ranks 2-3 of 4 (the detection benchmark's cell): the ledger sees samples never
+    read, job-wide, naming nobody; the statistical split that points at ranks 2-3 stays a finding.
+    Any other job-wide cause (epoch_repeat) still settles it (the test above)."""
+    unread = exact("data", "data", [], 8, {"unread": 300, "size": 1024}, cause="uncovered")
+    split = Evidence("loss", "persistent", {"value": 0.2, "since_step": 0}, 0.001, group=[[0, 1], [2, 3]])
+    assert settle([split], [unread], lambda e: [2, 3]) == ([split], [])
+    repeat = exact("data", "data", [], 10, {"period": 10}, cause="epoch_repeat")
+    kept, notes = settle([split], [unread, repeat], lambda e: [2, 3])
+    assert kept == [] and "follows from the exact cause" in notes[0]
+    # the same rule for the online alarm (engine/alarms.py), on the ledger's (cause, culprits) pairs
+    assert not settles([("uncovered", [])], [2, 3]) and settles([("epoch_repeat", [])], [2, 3])
+    assert not settles([("overlap", [1]), ("uncovered", [])], [1]) and settles([("overlap", [1])], [0])
 
 
 def test_replication_declared_on_purpose_is_consistent_and_says_so():

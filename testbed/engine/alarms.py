@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 from testbed.diagnose.causes import cause_phrase
 from testbed.diagnose.data import DataFindings
-from testbed.diagnose.exact import exact, from_finding, outliers
+from testbed.diagnose.exact import exact, from_finding, outliers, settles
 from testbed.diagnose.sequential import SequentialTest
 from testbed.diagnose.summary import diverging_ranks
 from testbed.schema import event as E
@@ -147,8 +147,7 @@ class BuiltinAlarms:
         if found is None or found.kind not in ("persistent", "transient"):
             return []  # the exact kinds (divergence, nonfinite) are raised above
         ranks = [found.rank] if found.rank is not None else list(found.ranks)
-        causes = [f for f in self.data.findings() if not f.intended]
-        if causes and not (ranks and set(ranks) <= {r for f in causes for r in f.ranks}):
+        if settles([(f.cause, f.ranks) for f in self.data.findings() if not f.intended], ranks):
             return []  # an exact data cause explains the run: the verdict does not blame other ranks either
         if self._inconsistent_named is not None and set(ranks) <= self._inconsistent_named:
             return []

@@ -315,10 +315,10 @@ def test_nonfinite_stop_blames_the_flagged_rank(tmp_path: Path) -> None:
     assert result.reason == "non-finite values at step 2: nonfinite_loss on rank 1" and result.traceback is None
 
 
-def test_teardown_trouble_after_the_last_step_keeps_the_run_ok(tmp_path: Path) -> None:
-    result = runner._finished_result(tmp_path, [FakeRank(0), FakeRank(-6)])
+def test_teardown_trouble_after_the_last_step_keeps_the_run_ok() -> None:
+    result = runner._finished_result([FakeRank(0), FakeRank(-6)])
     assert result.ok and result.reason == "all steps finished; then during teardown rank 1 died of signal SIGABRT"
-    assert runner._finished_result(tmp_path, [FakeRank(0), FakeRank(0)]).reason == ""
+    assert runner._finished_result([FakeRank(0), FakeRank(0)]).reason == ""
 
 
 @pytest.mark.parametrize(("progress", "limit", "where"), [([-1, -1], 0.6, "start-up (before step 0)"),

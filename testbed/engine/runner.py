@@ -216,7 +216,7 @@ def _watch(scenario: Scenario, procs: list[Any], progress: Any, out_dir: Path, s
                 return _timeout_result(out_dir, current, scenario)
         time.sleep(POLL_S)
     if min(progress) >= finished:
-        return _finished_result(out_dir, procs, teardown.waited if teardown is not None else 0.0)
+        return _finished_result(procs, teardown.waited if teardown is not None else 0.0)
     return _failure_result(out_dir, procs, exit_order, list(progress), finished)
 
 
@@ -227,7 +227,7 @@ def _finished_progress(scenario: Scenario) -> int:
     return scenario.steps * PHASES + PHASE_START
 
 
-def _finished_result(out_dir: Path, procs: list[Any], waited: float = GRACE_S) -> RunResult:
+def _finished_result(procs: list[Any], waited: float = GRACE_S) -> RunResult:
     """Every rank finished every step and the final barrier: the record is complete, so the run
     is ok even if a rank then crashed or hung in teardown (noted in the reason)."""
     notes = [f"rank {r} {'did not exit within %.0f s (killed)' % waited if p.exitcode is None else _how(p.exitcode)}"
